@@ -1,0 +1,287 @@
+//! What changes in an RTP packet on its way from a publisher to one receiver.
+//!
+//! Every receiver-side stream has its own SSRC, sequence space and timestamp
+//! space. The publisher behind it may change (a publisher rejoins, a track is
+//! replaced, later a simulcast layer switch); the receiver must see one
+//! continuous stream so its jitter buffer and decoder carry on without a
+//! renegotiation. Payload type and header-extension ids are whatever was
+//! negotiated on each leg, so they are remapped too.
+//!
+//! This is plain data on purpose: the forwarding loop owns one `Rewriter` per
+//! receiver and calls [`Rewriter::rewrite`] for each packet, with no locks and
+//! no allocation.
+
+use rtc::rtp;
+
+/// Header extensions the SFU forwards end to end. Transport-level ones
+/// (transport-wide sequence numbers, MID, RID, abs-send-time) are per leg and
+/// are written by the receiver-side sender itself, so they are never copied.
+pub const FORWARDED_EXTENSIONS: &[&str] = &[
+    AUDIO_LEVEL_URI,
+    "urn:3gpp:video-orientation",
+    "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay",
+];
+
+/// RFC 6464 client-to-mixer audio level.
+pub const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
+
+/// Maps a publisher's extension id to the receiver's id for the same URI.
+/// Index = publisher id (one- and two-byte ids fit in u8), value 0 = drop.
+#[derive(Clone, Debug)]
+pub struct ExtensionMap {
+    to_receiver: [u8; 256],
+}
+
+impl ExtensionMap {
+    /// Builds the map from both legs' negotiated `(uri, id)` pairs, keeping
+    /// only [`FORWARDED_EXTENSIONS`].
+    pub fn new<'a>(
+        publisher: impl IntoIterator<Item = (&'a str, u16)>,
+        receiver: impl IntoIterator<Item = (&'a str, u16)> + Clone,
+    ) -> Self {
+        let mut to_receiver = [0u8; 256];
+        for (uri, pub_id) in publisher {
+            if !FORWARDED_EXTENSIONS.contains(&uri) || pub_id == 0 || pub_id > 255 {
+                continue;
+            }
+            if let Some((_, rx_id)) = receiver.clone().into_iter().find(|(u, _)| *u == uri)
+                && (1..=255).contains(&rx_id)
+            {
+                to_receiver[pub_id as usize] = rx_id as u8;
+            }
+        }
+        ExtensionMap { to_receiver }
+    }
+
+    /// A map that drops every extension.
+    pub fn none() -> Self {
+        ExtensionMap {
+            to_receiver: [0u8; 256],
+        }
+    }
+
+    fn map(&self, id: u8) -> Option<u8> {
+        match self.to_receiver[id as usize] {
+            0 => None,
+            id => Some(id),
+        }
+    }
+}
+
+/// Per-receiver rewrite state for one outgoing stream.
+#[derive(Clone, Debug)]
+pub struct Rewriter {
+    out_ssrc: u32,
+    out_payload_type: u8,
+    extensions: ExtensionMap,
+    /// Source currently mapped onto this stream, with its offsets.
+    source: Option<Source>,
+    /// Highest sequence number and timestamp sent, for continuity on switch.
+    last_out_seq: u16,
+    last_out_ts: u32,
+    started: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Source {
+    ssrc: u32,
+    seq_offset: u16,
+    ts_offset: u32,
+    highest_in_seq: u16,
+}
+
+/// How far apart two timestamps are put when the source changes, in clock
+/// ticks: one video frame at 90 kHz / 30 fps, or one 20 ms Opus frame at 48 kHz.
+/// Close enough for a decoder not to stall, never zero so it is not a repeat.
+const SWITCH_TS_GAP: u32 = 3000;
+
+impl Rewriter {
+    pub fn new(out_ssrc: u32, out_payload_type: u8, extensions: ExtensionMap) -> Self {
+        Rewriter {
+            out_ssrc,
+            out_payload_type,
+            extensions,
+            source: None,
+            last_out_seq: 0,
+            last_out_ts: 0,
+            started: false,
+        }
+    }
+
+    pub fn out_ssrc(&self) -> u32 {
+        self.out_ssrc
+    }
+
+    /// Rewrites `pkt` in place for this receiver. Returns true when the
+    /// packet should be sent.
+    pub fn rewrite(&mut self, pkt: &mut rtp::Packet) -> bool {
+        let in_seq = pkt.header.sequence_number;
+        let in_ts = pkt.header.timestamp;
+        let src = match self.source {
+            Some(s) if s.ssrc == pkt.header.ssrc => s,
+            _ => {
+                // New source: continue right after what the receiver last saw.
+                let (seq_offset, ts_offset) = if self.started {
+                    (
+                        self.last_out_seq.wrapping_add(1).wrapping_sub(in_seq),
+                        self.last_out_ts
+                            .wrapping_add(SWITCH_TS_GAP)
+                            .wrapping_sub(in_ts),
+                    )
+                } else {
+                    // First source: keep its numbering, nothing to be continuous with.
+                    (0, 0)
+                };
+                let s = Source {
+                    ssrc: pkt.header.ssrc,
+                    seq_offset,
+                    ts_offset,
+                    highest_in_seq: in_seq,
+                };
+                self.source = Some(s);
+                s
+            }
+        };
+        // Reordered packets and retransmissions of the current source keep
+        // their mapped numbers: the offsets are fixed per source.
+        let out_seq = in_seq.wrapping_add(src.seq_offset);
+        let out_ts = in_ts.wrapping_add(src.ts_offset);
+        if let Some(s) = self.source.as_mut()
+            && in_seq.wrapping_sub(s.highest_in_seq) < 0x8000
+        {
+            s.highest_in_seq = in_seq;
+            self.last_out_seq = out_seq;
+            self.last_out_ts = out_ts;
+        }
+        if !self.started {
+            self.started = true;
+            self.last_out_seq = out_seq;
+            self.last_out_ts = out_ts;
+        }
+        pkt.header.ssrc = self.out_ssrc;
+        pkt.header.sequence_number = out_seq;
+        pkt.header.timestamp = out_ts;
+        pkt.header.payload_type = self.out_payload_type;
+        self.rewrite_extensions(pkt);
+        true
+    }
+
+    fn rewrite_extensions(&self, pkt: &mut rtp::Packet) {
+        let exts = &mut pkt.header.extensions;
+        exts.retain_mut(|e| match self.extensions.map(e.id) {
+            Some(id) => {
+                e.id = id;
+                true
+            }
+            None => false,
+        });
+        if exts.is_empty() {
+            pkt.header.extension = false;
+        }
+    }
+}
+
+/// Reads the RFC 6464 level from an audio packet: 0 (loudest) to 127 dBov
+/// below, with the voice-activity flag. None when the extension is absent.
+pub fn audio_level(pkt: &rtp::Packet, ext_id: u8) -> Option<(u8, bool)> {
+    if ext_id == 0 {
+        return None;
+    }
+    let payload = pkt.header.get_extension(ext_id)?;
+    let b = *payload.first()?;
+    Some((b & 0x7f, b & 0x80 != 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn pkt(ssrc: u32, seq: u16, ts: u32) -> rtp::Packet {
+        rtp::Packet {
+            header: rtp::header::Header {
+                version: 2,
+                ssrc,
+                sequence_number: seq,
+                timestamp: ts,
+                payload_type: 96,
+                ..Default::default()
+            },
+            payload: Bytes::from_static(b"x"),
+        }
+    }
+
+    #[test]
+    fn first_source_keeps_numbers_but_gets_receiver_ssrc_and_pt() {
+        let mut r = Rewriter::new(42, 100, ExtensionMap::none());
+        let mut p = pkt(7, 1000, 5000);
+        assert!(r.rewrite(&mut p));
+        assert_eq!(
+            (p.header.ssrc, p.header.sequence_number, p.header.timestamp),
+            (42, 1000, 5000)
+        );
+        assert_eq!(p.header.payload_type, 100);
+    }
+
+    #[test]
+    fn source_switch_continues_sequence_and_timestamp() {
+        let mut r = Rewriter::new(42, 96, ExtensionMap::none());
+        for i in 0..10u16 {
+            let mut p = pkt(7, 65530u16.wrapping_add(i), 1000 + i as u32 * 3000);
+            assert!(r.rewrite(&mut p));
+        }
+        let mut p = pkt(9, 17, 777_777);
+        assert!(r.rewrite(&mut p));
+        assert_eq!(p.header.sequence_number, 65530u16.wrapping_add(10));
+        assert_eq!(p.header.timestamp, 1000 + 9 * 3000 + SWITCH_TS_GAP);
+        let mut p = pkt(9, 18, 777_777 + 3000);
+        assert!(r.rewrite(&mut p));
+        assert_eq!(p.header.sequence_number, 65530u16.wrapping_add(11));
+        assert_eq!(p.header.timestamp, 1000 + 9 * 3000 + SWITCH_TS_GAP + 3000);
+    }
+
+    #[test]
+    fn reordered_packet_keeps_its_place() {
+        let mut r = Rewriter::new(1, 96, ExtensionMap::none());
+        let mut a = pkt(7, 10, 0);
+        let mut c = pkt(7, 12, 0);
+        let mut b = pkt(7, 11, 0);
+        r.rewrite(&mut a);
+        r.rewrite(&mut c);
+        r.rewrite(&mut b);
+        assert_eq!(
+            [
+                a.header.sequence_number,
+                b.header.sequence_number,
+                c.header.sequence_number
+            ],
+            [10, 11, 12]
+        );
+    }
+
+    #[test]
+    fn extensions_are_remapped_or_dropped() {
+        let map = ExtensionMap::new(
+            [
+                (AUDIO_LEVEL_URI, 1),
+                ("urn:ietf:params:rtp-hdrext:sdes:mid", 4),
+            ],
+            [
+                (AUDIO_LEVEL_URI, 10),
+                ("urn:ietf:params:rtp-hdrext:sdes:mid", 3),
+            ],
+        );
+        let mut r = Rewriter::new(1, 111, map);
+        let mut p = pkt(7, 1, 0);
+        p.header.extension = true;
+        p.header.extension_profile = 0xBEDE;
+        p.header
+            .set_extension(1, Bytes::from_static(&[0x85]))
+            .unwrap();
+        p.header.set_extension(4, Bytes::from_static(b"0")).unwrap();
+        r.rewrite(&mut p);
+        assert_eq!(p.header.extensions.len(), 1);
+        assert_eq!(p.header.extensions[0].id, 10);
+        assert_eq!(audio_level(&p, 10), Some((5, true)));
+    }
+}

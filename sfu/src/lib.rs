@@ -1,0 +1,34 @@
+//! Confer's selective forwarding unit.
+//!
+//! Every participant has one peer connection. What a participant publishes
+//! is forwarded, without decoding, to every other participant in the room;
+//! each receiver gets its own rewritten copy (SSRC, sequence, timestamp,
+//! payload type, header-extension ids) so streams stay continuous for it.
+//!
+//! - [`room`]: the [`Sfu`] (all rooms), [`Room`], membership and room events.
+//! - [`peer`]: a [`Participant`]'s peer connection and its negotiation.
+//! - [`track`]: a published track, its receivers and the forwarding loop.
+//! - [`forward`]: the per-receiver RTP rewrite, as plain data.
+//! - [`keyframe`]: PLI/FIR relay, coalesced and rate-limited.
+//! - [`config`]: media-plane settings.
+//!
+//! The SFU knows nothing of tokens, schedules or WebSockets: signaling admits
+//! a participant with [`Sfu::join`] and relays the [`PeerEvent`]s it gets back.
+
+pub mod config;
+mod error;
+pub mod forward;
+pub mod keyframe;
+pub mod peer;
+pub mod room;
+pub mod track;
+
+pub use config::{IceServer, SfuConfig};
+pub use error::SfuError;
+pub use peer::Participant;
+pub use room::{
+    Joined, ParticipantInfo, ParticipantSummary, PeerEvent, Role, Room, RoomEvent, RoomSummary, Sfu,
+};
+pub use track::{TrackInfo, TrackKind};
+/// The candidate type clients send, re-exported so signaling need not depend on webrtc.
+pub use webrtc::peer_connection::RTCIceCandidateInit;

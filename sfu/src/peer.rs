@@ -1,0 +1,513 @@
+//! One participant's peer connection: building it, negotiating it, and
+//! noticing when it dies.
+//!
+//! Negotiation follows "perfect negotiation" with the SFU as the impolite
+//! side: when both ends offer at once, the SFU ignores the client's offer and
+//! the client rolls its own back. Offers the SFU needs while one is in flight
+//! are batched into the next one.
+
+use crate::config::SfuConfig;
+use crate::error::SfuError;
+use crate::keyframe::KeyframeRequestTap;
+use crate::room::{ParticipantInfo, PeerEvent, Room, Sfu};
+use crate::track::{Published, Receiver, TrackKind};
+use rand::Rng;
+use rtc::interceptor::Slot;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodingParameters, RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
+};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use webrtc::media_stream::MediaStreamTrack;
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_remote::TrackRemote;
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+    RTCBundlePolicy, RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceCandidateType,
+    RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription, Registry,
+    SettingEngineBuilder, register_default_interceptors,
+};
+
+/// UDP ports handed to peer connections. A port goes back when its
+/// participant leaves; a port some other process holds is skipped.
+pub(crate) struct PortPool {
+    min: u16,
+    max: u16,
+    state: Mutex<(HashSet<u16>, u16)>,
+}
+
+impl PortPool {
+    pub(crate) fn new(min: u16, max: u16) -> Self {
+        PortPool {
+            min,
+            max,
+            state: Mutex::new((HashSet::new(), min)),
+        }
+    }
+
+    /// Candidate ports to try, in order, each reserved until released.
+    fn take(&self) -> Option<u16> {
+        if self.min == 0 {
+            return Some(0);
+        }
+        let mut st = self.state.lock().unwrap();
+        let span = (self.max - self.min) as u32 + 1;
+        for _ in 0..span {
+            let port = st.1;
+            st.1 = if port >= self.max { self.min } else { port + 1 };
+            if st.0.insert(port) {
+                return Some(port);
+            }
+        }
+        None
+    }
+
+    fn release(&self, port: u16) {
+        if port != 0 {
+            self.state.lock().unwrap().0.remove(&port);
+        }
+    }
+
+    fn span(&self) -> u32 {
+        if self.min == 0 {
+            1
+        } else {
+            (self.max - self.min) as u32 + 1
+        }
+    }
+}
+
+#[derive(Default)]
+struct Negotiation {
+    /// The client has offered once; the SFU offers only after that.
+    started: bool,
+    awaiting_answer: bool,
+    pending: bool,
+    offers_made: u64,
+    offers_answered: u64,
+    /// Receivers on this connection, with the offer that carries them.
+    receivers: Vec<(Arc<Receiver>, u64, String)>,
+}
+
+pub struct Participant {
+    pub id: String,
+    pub info: ParticipantInfo,
+    room: Weak<Room>,
+    pc: Arc<dyn PeerConnection>,
+    events: mpsc::UnboundedSender<PeerEvent>,
+    negotiation: tokio::sync::Mutex<Negotiation>,
+    muted: Mutex<(bool, bool)>,
+    port: u16,
+    sfu: Weak<Sfu>,
+    closed: AtomicBool,
+    /// Last connection state, as `RTCPeerConnectionState as u8`.
+    state: AtomicU8,
+}
+
+enum PcEvent {
+    Track(Arc<dyn TrackRemote>),
+    State(RTCPeerConnectionState),
+}
+
+struct Handler {
+    pc_events: mpsc::UnboundedSender<PcEvent>,
+    events: mpsc::UnboundedSender<PeerEvent>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
+        match event.candidate.to_json() {
+            Ok(init) => {
+                let _ = self.events.send(PeerEvent::IceCandidate(init));
+            }
+            Err(e) => debug!("local candidate not serialisable: {e}"),
+        }
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let _ = self.pc_events.send(PcEvent::Track(track));
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        let _ = self.pc_events.send(PcEvent::State(state));
+    }
+}
+
+fn media_engine() -> Result<(MediaEngine, Registry), SfuError> {
+    let mut me = MediaEngine::default();
+    // Opus, VP8, VP9, H.264 (and RTX for each video codec).
+    me.register_default_codecs()?;
+    me.register_header_extension(
+        RTCRtpHeaderExtensionCapability {
+            uri: crate::forward::AUDIO_LEVEL_URI.to_owned(),
+        },
+        RtpCodecKind::Audio,
+        None,
+    )?;
+    let registry = register_default_interceptors(Registry::new(), &mut me)?;
+    // After the default chain, so PLI/FIR reach the application as well.
+    let registry = registry.with(Slot::from(14_000), KeyframeRequestTap::default());
+    Ok((me, registry))
+}
+
+async fn build_pc(
+    config: &SfuConfig,
+    port: u16,
+    handler: Arc<Handler>,
+) -> Result<Arc<dyn PeerConnection>, SfuError> {
+    let (media_engine, registry) = media_engine()?;
+    let mut settings = SettingEngineBuilder::new();
+    if config.ice_ip.is_loopback() {
+        settings = settings.with_include_loopback_candidate(true);
+    }
+    if let Some(public) = config.public_ip {
+        settings = settings.with_nat_1to1_ips(vec![public.to_string()], RTCIceCandidateType::Host);
+    }
+    let rtc_config = RTCConfigurationBuilder::new()
+        .with_bundle_policy(RTCBundlePolicy::MaxBundle)
+        .build();
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(rtc_config)
+        .with_media_engine(media_engine)
+        .with_setting_engine(settings.build())
+        .with_interceptor_registry(registry)
+        .with_handler(handler)
+        .with_udp_addrs(vec![SocketAddr::new(config.ice_ip, port)])
+        .build()
+        .await?;
+    Ok(Arc::new(pc))
+}
+
+/// Builds a participant's peer connection on a free port and starts the task
+/// that reacts to its events.
+pub(crate) async fn connect(
+    sfu: &Arc<Sfu>,
+    room: &Arc<Room>,
+    info: ParticipantInfo,
+    events: mpsc::UnboundedSender<PeerEvent>,
+) -> Result<Arc<Participant>, SfuError> {
+    let (pc_tx, pc_rx) = mpsc::unbounded_channel();
+    let handler = Arc::new(Handler {
+        pc_events: pc_tx,
+        events: events.clone(),
+    });
+    let mut last_err = None;
+    let mut built = None;
+    for _ in 0..sfu.ports.span().min(64) {
+        let Some(port) = sfu.ports.take() else { break };
+        match build_pc(&sfu.config, port, handler.clone()).await {
+            Ok(pc) => {
+                built = Some((pc, port));
+                break;
+            }
+            Err(e) => {
+                // Most likely the port is held by another process: try the next.
+                debug!(port, "peer connection not built: {e}");
+                sfu.ports.release(port);
+                last_err = Some(e);
+            }
+        }
+    }
+    let Some((pc, port)) = built else {
+        warn!("no peer connection could be built: {last_err:?}");
+        return Err(last_err.unwrap_or(SfuError::NoPort {
+            min: sfu.config.udp_port_min,
+            max: sfu.config.udp_port_max,
+        }));
+    };
+    let p = Arc::new(Participant {
+        id: new_id(),
+        info,
+        room: Arc::downgrade(room),
+        pc,
+        events,
+        negotiation: tokio::sync::Mutex::new(Negotiation::default()),
+        muted: Mutex::new((false, false)),
+        port,
+        sfu: Arc::downgrade(sfu),
+        closed: AtomicBool::new(false),
+        state: AtomicU8::new(RTCPeerConnectionState::New as u8),
+    });
+    tokio::spawn(pc_event_loop(Arc::downgrade(&p), pc_rx));
+    Ok(p)
+}
+
+fn new_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyz23456789";
+    let mut rng = rand::rng();
+    (0..10)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+async fn pc_event_loop(p: Weak<Participant>, mut rx: mpsc::UnboundedReceiver<PcEvent>) {
+    while let Some(evt) = rx.recv().await {
+        let Some(p) = p.upgrade() else { return };
+        let Some(room) = p.room.upgrade() else { return };
+        match evt {
+            PcEvent::Track(track) => room.publish(&p, track).await,
+            PcEvent::State(state) => {
+                p.state.store(state as u8, Ordering::Relaxed);
+                debug!(participant = %p.id, %state, "connection state");
+                match state {
+                    RTCPeerConnectionState::Failed => {
+                        room.leave(&p.id, "connection failed").await;
+                    }
+                    RTCPeerConnectionState::Disconnected => {
+                        let timeout = p.sfu.upgrade().map(|s| s.config.disconnect_timeout);
+                        let weak = Arc::downgrade(&p);
+                        tokio::spawn(async move {
+                            tokio::time::sleep(timeout.unwrap_or_default()).await;
+                            if let Some(p) = weak.upgrade()
+                                && p.state.load(Ordering::Relaxed)
+                                    == RTCPeerConnectionState::Disconnected as u8
+                                && let Some(room) = p.room.upgrade()
+                            {
+                                room.leave(&p.id, "connection lost").await;
+                            }
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+impl Participant {
+    pub(crate) fn send(&self, event: PeerEvent) {
+        let _ = self.events.send(event);
+    }
+
+    pub fn muted(&self) -> (bool, bool) {
+        *self.muted.lock().unwrap()
+    }
+
+    /// Records a mute change and tells the others.
+    pub fn set_muted(&self, kind: TrackKind, muted: bool) {
+        {
+            let mut m = self.muted.lock().unwrap();
+            let slot = match kind {
+                TrackKind::Audio => &mut m.0,
+                TrackKind::Video => &mut m.1,
+            };
+            if *slot == muted {
+                return;
+            }
+            *slot = muted;
+        }
+        if let Some(room) = self.room.upgrade() {
+            room.muted_changed(&self.id, kind, muted);
+        }
+    }
+
+    /// Whether the peer connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == RTCPeerConnectionState::Connected as u8
+    }
+
+    /// The client's offer. The answer comes back as [`PeerEvent::Answer`],
+    /// in order with any offer the SFU makes next.
+    pub async fn handle_offer(&self, sdp: String) -> Result<(), SfuError> {
+        let offer =
+            RTCSessionDescription::offer(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        let mut n = self.negotiation.lock().await;
+        if n.awaiting_answer {
+            // Glare: the SFU's offer wins; the client rolls back and answers it.
+            debug!(participant = %self.id, "client offer ignored during glare");
+            return Ok(());
+        }
+        self.pc
+            .set_remote_description(offer)
+            .await
+            .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        let answer = self.pc.create_answer(None).await?;
+        self.pc.set_local_description(answer).await?;
+        let sdp = self
+            .pc
+            .local_description()
+            .await
+            .map(|d| d.sdp)
+            .unwrap_or_default();
+        self.send(PeerEvent::Answer(sdp));
+        n.started = true;
+        if n.pending {
+            self.offer_locked(&mut n).await;
+        }
+        Ok(())
+    }
+
+    /// The client's answer to the SFU's offer.
+    pub async fn handle_answer(&self, sdp: String) -> Result<(), SfuError> {
+        let answer =
+            RTCSessionDescription::answer(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        let mut n = self.negotiation.lock().await;
+        if !n.awaiting_answer {
+            return Err(SfuError::BadSdp("no offer is awaiting an answer".into()));
+        }
+        self.pc
+            .set_remote_description(answer)
+            .await
+            .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        n.awaiting_answer = false;
+        n.offers_answered = n.offers_made;
+        let answered = n.offers_answered;
+        for (r, needs, _) in &n.receivers {
+            if *needs <= answered {
+                r.negotiated();
+            }
+        }
+        if n.pending {
+            self.offer_locked(&mut n).await;
+        }
+        Ok(())
+    }
+
+    pub async fn add_ice_candidate(&self, candidate: RTCIceCandidateInit) -> Result<(), SfuError> {
+        if candidate.candidate.is_empty() {
+            return Ok(()); // end-of-candidates
+        }
+        self.pc
+            .add_ice_candidate(candidate)
+            .await
+            .map_err(|e| SfuError::BadCandidate(e.to_string()))
+    }
+
+    async fn offer_locked(&self, n: &mut Negotiation) {
+        if !n.started || n.awaiting_answer {
+            n.pending = true;
+            return;
+        }
+        n.pending = false;
+        let offer = match self.pc.create_offer(None).await {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(participant = %self.id, "offer not created: {e}");
+                return;
+            }
+        };
+        if let Err(e) = self.pc.set_local_description(offer).await {
+            warn!(participant = %self.id, "offer not applied: {e}");
+            return;
+        }
+        let sdp = self
+            .pc
+            .local_description()
+            .await
+            .map(|d| d.sdp)
+            .unwrap_or_default();
+        n.offers_made += 1;
+        n.awaiting_answer = true;
+        self.send(PeerEvent::Offer(sdp));
+    }
+
+    /// Starts sending a published track to this participant.
+    pub(crate) async fn subscribe(self: &Arc<Self>, track: &Arc<Published>) {
+        if track.publisher == self.id || self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut n = self.negotiation.lock().await;
+        if n.receivers.iter().any(|(_, _, id)| *id == track.info.id) {
+            return;
+        }
+        let out_ssrc: u32 = rand::random();
+        let kind = match track.info.kind {
+            TrackKind::Audio => RtpCodecKind::Audio,
+            TrackKind::Video => RtpCodecKind::Video,
+        };
+        // The receiver groups tracks by stream id: one stream per publisher.
+        let local = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            track.publisher.clone(),
+            track.info.id.clone(),
+            track.info.id.clone(),
+            kind,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(out_ssrc),
+                    ..Default::default()
+                },
+                codec: track.codec.clone(),
+                ..Default::default()
+            }],
+        )));
+        let sender = match self
+            .pc
+            .add_track(local.clone() as Arc<dyn TrackLocal>)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(participant = %self.id, track = %track.info.id, "track not added: {e}");
+                return;
+            }
+        };
+        let receiver = track.add_receiver(&self.id, local, sender, out_ssrc);
+        let needs = n.offers_made + 1;
+        n.receivers.push((receiver, needs, track.info.id.clone()));
+        self.offer_locked(&mut n).await;
+    }
+
+    /// Stops sending a track (its publisher left or stopped it).
+    pub(crate) async fn unsubscribe(&self, track: &Published) {
+        let mut n = self.negotiation.lock().await;
+        let Some(i) = n
+            .receivers
+            .iter()
+            .position(|(_, _, id)| *id == track.info.id)
+        else {
+            return;
+        };
+        let (receiver, _, _) = n.receivers.remove(i);
+        track.remove_receiver(&self.id);
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = self.pc.remove_track(&receiver.sender).await {
+            debug!(participant = %self.id, "remove_track: {e}");
+        }
+        self.offer_locked(&mut n).await;
+    }
+
+    /// Header extensions the client negotiated for what it sends, `(uri, id)`.
+    pub(crate) async fn remote_extensions(&self) -> Vec<(String, u16)> {
+        let mut out: Vec<(String, u16)> = Vec::new();
+        for r in self.pc.get_receivers().await {
+            if let Ok(params) = r.get_parameters().await {
+                for e in params.rtp_parameters.header_extensions {
+                    if !out.iter().any(|(u, _)| *u == e.uri) {
+                        out.push((e.uri, e.id));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub(crate) async fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = self.pc.close().await {
+            debug!(participant = %self.id, "close: {e}");
+        }
+        if let Some(sfu) = self.sfu.upgrade() {
+            sfu.ports.release(self.port);
+        }
+        info!(participant = %self.id, "peer connection closed");
+    }
+}
+
+impl Participant {
+    /// Removes this participant from its room (idempotent).
+    pub async fn leave(&self, reason: &str) {
+        if let Some(room) = self.room.upgrade() {
+            room.leave(&self.id, reason).await;
+        }
+    }
+}

@@ -1,0 +1,504 @@
+//! Rooms: who is in them, what they publish, and the events everyone is told.
+
+use crate::config::SfuConfig;
+use crate::error::SfuError;
+use crate::peer::{self, Participant, PortPool};
+use crate::track::{Published, TrackInfo, TrackKind};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+use webrtc::media_stream::track_remote::TrackRemote;
+use webrtc::peer_connection::RTCIceCandidateInit;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Moderator,
+    Participant,
+}
+
+/// Who is joining, as established by signaling (from the verified token).
+#[derive(Clone, Debug)]
+pub struct ParticipantInfo {
+    pub user_id: String,
+    pub name: String,
+    pub role: Role,
+}
+
+/// A participant as others see it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ParticipantSummary {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    pub role: Role,
+    pub audio_muted: bool,
+    pub video_muted: bool,
+    pub tracks: Vec<TrackInfo>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RoomSummary {
+    pub id: String,
+    pub created_at: u64,
+    pub participants: Vec<ParticipantSummary>,
+}
+
+/// Something everyone in a room is told.
+#[derive(Clone, Debug)]
+pub enum RoomEvent {
+    ParticipantJoined(ParticipantSummary),
+    ParticipantLeft {
+        participant_id: String,
+        reason: String,
+    },
+    TrackPublished {
+        participant_id: String,
+        track: TrackInfo,
+    },
+    TrackRemoved {
+        participant_id: String,
+        track_id: String,
+    },
+    Muted {
+        participant_id: String,
+        kind: TrackKind,
+        muted: bool,
+    },
+    ActiveSpeaker {
+        participant_id: Option<String>,
+    },
+}
+
+/// Something one participant's signaling session must pass on.
+#[derive(Debug)]
+pub enum PeerEvent {
+    /// A server-initiated renegotiation.
+    Offer(String),
+    /// The answer to the client's offer.
+    Answer(String),
+    IceCandidate(RTCIceCandidateInit),
+    Room(RoomEvent),
+    /// The participant was removed (admin, room closed, connection lost).
+    Removed {
+        reason: String,
+    },
+}
+
+/// The media plane: all rooms of this process.
+pub struct Sfu {
+    pub(crate) config: SfuConfig,
+    rooms: Mutex<HashMap<String, Arc<Room>>>,
+    pub(crate) ports: PortPool,
+}
+
+/// What a successful join hands to signaling.
+pub struct Joined {
+    pub room: Arc<Room>,
+    pub participant: Arc<Participant>,
+    /// Events for this participant, in the order they must reach the client.
+    pub events: mpsc::UnboundedReceiver<PeerEvent>,
+    /// Everyone already in the room.
+    pub others: Vec<ParticipantSummary>,
+}
+
+pub struct Room {
+    pub id: String,
+    sfu: Weak<Sfu>,
+    created_at: SystemTime,
+    inner: Mutex<RoomInner>,
+}
+
+#[derive(Default)]
+struct RoomInner {
+    participants: Vec<Arc<Participant>>,
+    tracks: Vec<Arc<Published>>,
+    speaker: Option<String>,
+    closed: bool,
+    /// Bumped whenever the room becomes empty, so a stale grace timer
+    /// cannot remove a room that filled up again.
+    empty_epoch: u64,
+}
+
+impl Sfu {
+    pub fn new(config: SfuConfig) -> Arc<Sfu> {
+        let ports = PortPool::new(config.udp_port_min, config.udp_port_max);
+        Arc::new(Sfu {
+            config,
+            rooms: Mutex::new(HashMap::new()),
+            ports,
+        })
+    }
+
+    pub fn config(&self) -> &SfuConfig {
+        &self.config
+    }
+
+    pub fn room(&self, id: &str) -> Option<Arc<Room>> {
+        self.rooms.lock().unwrap().get(id).cloned()
+    }
+
+    pub fn rooms(&self) -> Vec<RoomSummary> {
+        let rooms: Vec<_> = self.rooms.lock().unwrap().values().cloned().collect();
+        let mut out: Vec<_> = rooms.iter().map(|r| r.summary()).collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// Closes a room for everyone. Returns false if there was no such room.
+    pub async fn close_room(&self, id: &str, reason: &str) -> bool {
+        let Some(room) = self.rooms.lock().unwrap().remove(id) else {
+            return false;
+        };
+        let members = {
+            let mut inner = room.inner.lock().unwrap();
+            inner.closed = true;
+            inner.participants.clone()
+        };
+        for p in members {
+            room.leave(&p.id, reason).await;
+        }
+        info!(room = id, reason, "room closed");
+        true
+    }
+
+    fn room_or_create(self: &Arc<Self>, id: &str) -> Arc<Room> {
+        let mut rooms = self.rooms.lock().unwrap();
+        rooms
+            .entry(id.to_owned())
+            .or_insert_with(|| {
+                let room = Arc::new(Room {
+                    id: id.to_owned(),
+                    sfu: Arc::downgrade(self),
+                    created_at: SystemTime::now(),
+                    inner: Mutex::new(RoomInner::default()),
+                });
+                tokio::spawn(speaker_loop(Arc::downgrade(&room)));
+                info!(room = id, "room created");
+                room
+            })
+            .clone()
+    }
+
+    /// Admits a participant: builds its peer connection and tells the room.
+    pub async fn join(
+        self: &Arc<Self>,
+        room_id: &str,
+        who: ParticipantInfo,
+    ) -> Result<Joined, SfuError> {
+        let room = self.room_or_create(room_id);
+        {
+            let inner = room.inner.lock().unwrap();
+            if inner.closed {
+                return Err(SfuError::RoomClosed(room_id.to_owned()));
+            }
+            if inner.participants.len() >= self.config.max_participants {
+                return Err(SfuError::RoomFull(room_id.to_owned()));
+            }
+        }
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let participant = peer::connect(self, &room, who, events_tx).await?;
+        let admitted = {
+            let mut inner = room.inner.lock().unwrap();
+            if inner.closed {
+                None
+            } else {
+                let others: Vec<_> = inner
+                    .participants
+                    .iter()
+                    .map(|p| room.summarise(p, &inner))
+                    .collect();
+                inner.participants.push(participant.clone());
+                Some((others, inner.tracks.clone()))
+            }
+        };
+        let Some((others, tracks)) = admitted else {
+            participant.close().await;
+            return Err(SfuError::RoomClosed(room_id.to_owned()));
+        };
+        let me = room.summary_of(&participant);
+        room.broadcast_except(&participant.id, RoomEvent::ParticipantJoined(me));
+        for t in tracks {
+            participant.subscribe(&t).await;
+        }
+        info!(room = room_id, participant = %participant.id, name = %participant.info.name, "joined");
+        Ok(Joined {
+            room,
+            participant,
+            events: events_rx,
+            others,
+        })
+    }
+
+    fn schedule_removal_if_empty(self: &Arc<Self>, room: &Arc<Room>) {
+        let epoch = {
+            let mut inner = room.inner.lock().unwrap();
+            if !inner.participants.is_empty() {
+                return;
+            }
+            inner.empty_epoch += 1;
+            inner.empty_epoch
+        };
+        let sfu = Arc::downgrade(self);
+        let room = Arc::downgrade(room);
+        let grace = self.config.empty_room_grace;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let (Some(sfu), Some(room)) = (sfu.upgrade(), room.upgrade()) else {
+                return;
+            };
+            let still_empty = {
+                let inner = room.inner.lock().unwrap();
+                inner.participants.is_empty() && inner.empty_epoch == epoch
+            };
+            if still_empty {
+                let mut rooms = sfu.rooms.lock().unwrap();
+                if rooms.get(&room.id).is_some_and(|r| Arc::ptr_eq(r, &room)) {
+                    rooms.remove(&room.id);
+                    info!(room = %room.id, "empty room removed");
+                }
+            }
+        });
+    }
+}
+
+impl Room {
+    pub fn summary(&self) -> RoomSummary {
+        let inner = self.inner.lock().unwrap();
+        RoomSummary {
+            id: self.id.clone(),
+            created_at: self
+                .created_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            participants: inner
+                .participants
+                .iter()
+                .map(|p| self.summarise(p, &inner))
+                .collect(),
+        }
+    }
+
+    pub fn participant(&self, id: &str) -> Option<Arc<Participant>> {
+        let inner = self.inner.lock().unwrap();
+        inner.participants.iter().find(|p| p.id == id).cloned()
+    }
+
+    pub fn participant_count(&self) -> usize {
+        self.inner.lock().unwrap().participants.len()
+    }
+
+    /// Published tracks, for stats and tests.
+    pub fn tracks(&self) -> Vec<Arc<Published>> {
+        self.inner.lock().unwrap().tracks.clone()
+    }
+
+    fn summary_of(&self, p: &Participant) -> ParticipantSummary {
+        let inner = self.inner.lock().unwrap();
+        self.summarise(p, &inner)
+    }
+
+    fn summarise(&self, p: &Participant, inner: &RoomInner) -> ParticipantSummary {
+        let (audio_muted, video_muted) = p.muted();
+        ParticipantSummary {
+            id: p.id.clone(),
+            user_id: p.info.user_id.clone(),
+            name: p.info.name.clone(),
+            role: p.info.role,
+            audio_muted,
+            video_muted,
+            tracks: inner
+                .tracks
+                .iter()
+                .filter(|t| t.publisher == p.id)
+                .map(|t| t.info.clone())
+                .collect(),
+        }
+    }
+
+    pub(crate) fn broadcast_except(&self, except: &str, event: RoomEvent) {
+        let members = self.inner.lock().unwrap().participants.clone();
+        for p in members.iter().filter(|p| p.id != except) {
+            p.send(PeerEvent::Room(event.clone()));
+        }
+    }
+
+    fn broadcast(&self, event: RoomEvent) {
+        self.broadcast_except("", event)
+    }
+
+    /// A participant's peer connection delivered a new remote track.
+    pub(crate) async fn publish(
+        self: &Arc<Self>,
+        publisher: &Arc<Participant>,
+        remote: Arc<dyn TrackRemote>,
+    ) {
+        let extensions = publisher.remote_extensions().await;
+        let Some(track) = Published::new(&publisher.id, remote, extensions).await else {
+            debug!(participant = %publisher.id, "remote track without SSRC or codec ignored");
+            return;
+        };
+        let subscribers = {
+            let mut inner = self.inner.lock().unwrap();
+            if !inner.participants.iter().any(|p| p.id == publisher.id) {
+                return;
+            }
+            inner.tracks.push(track.clone());
+            inner
+                .participants
+                .iter()
+                .filter(|p| p.id != publisher.id)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        info!(room = %self.id, participant = %publisher.id, track = %track.info.id, codec = %track.info.codec, "track published");
+        self.broadcast(RoomEvent::TrackPublished {
+            participant_id: publisher.id.clone(),
+            track: track.info.clone(),
+        });
+        let room = Arc::downgrade(self);
+        let forwarding = track.clone();
+        tokio::spawn(async move {
+            forwarding.clone().forward().await;
+            if let Some(room) = room.upgrade() {
+                room.unpublish(&forwarding).await;
+            }
+        });
+        for s in subscribers {
+            s.subscribe(&track).await;
+        }
+    }
+
+    async fn unpublish(&self, track: &Arc<Published>) {
+        let was_present = {
+            let mut inner = self.inner.lock().unwrap();
+            let before = inner.tracks.len();
+            inner.tracks.retain(|t| !Arc::ptr_eq(t, track));
+            inner.tracks.len() != before
+        };
+        if !was_present {
+            return;
+        }
+        self.broadcast(RoomEvent::TrackRemoved {
+            participant_id: track.publisher.clone(),
+            track_id: track.info.id.clone(),
+        });
+        let members = self.inner.lock().unwrap().participants.clone();
+        for m in members {
+            m.unsubscribe(track).await;
+        }
+    }
+
+    /// Removes a participant: its tracks go, its connection closes, the
+    /// others are told. Idempotent.
+    pub async fn leave(self: &Arc<Self>, participant_id: &str, reason: &str) {
+        let (p, own_tracks, others_tracks) = {
+            let mut inner = self.inner.lock().unwrap();
+            let Some(i) = inner
+                .participants
+                .iter()
+                .position(|p| p.id == participant_id)
+            else {
+                return;
+            };
+            let p = inner.participants.remove(i);
+            let (own, others): (Vec<_>, Vec<_>) = inner
+                .tracks
+                .iter()
+                .cloned()
+                .partition(|t| t.publisher == participant_id);
+            inner.tracks.retain(|t| t.publisher != participant_id);
+            if inner.speaker.as_deref() == Some(participant_id) {
+                inner.speaker = None;
+            }
+            (p, own, others)
+        };
+        for t in &others_tracks {
+            t.remove_receiver(participant_id);
+        }
+        let members = self.inner.lock().unwrap().participants.clone();
+        for t in &own_tracks {
+            self.broadcast(RoomEvent::TrackRemoved {
+                participant_id: participant_id.to_owned(),
+                track_id: t.info.id.clone(),
+            });
+            for m in &members {
+                m.unsubscribe(t).await;
+            }
+        }
+        if reason != "left" {
+            p.send(PeerEvent::Removed {
+                reason: reason.to_owned(),
+            });
+        }
+        p.close().await;
+        self.broadcast(RoomEvent::ParticipantLeft {
+            participant_id: participant_id.to_owned(),
+            reason: reason.to_owned(),
+        });
+        info!(room = %self.id, participant = participant_id, reason, "left");
+        if let Some(sfu) = self.sfu.upgrade() {
+            sfu.schedule_removal_if_empty(self);
+        }
+    }
+
+    pub(crate) fn muted_changed(&self, participant_id: &str, kind: TrackKind, muted: bool) {
+        self.broadcast_except(
+            participant_id,
+            RoomEvent::Muted {
+                participant_id: participant_id.to_owned(),
+                kind,
+                muted,
+            },
+        );
+    }
+
+    /// Picks the loudest audio publisher, with hysteresis so the highlight
+    /// does not flicker between two people talking over each other.
+    fn update_speaker(&self) {
+        const SPEAKING: u32 = 40; // loudness above ~87 dBov below full scale
+        const MARGIN: u32 = 6;
+        let event = {
+            let mut inner = self.inner.lock().unwrap();
+            let loudest = inner
+                .tracks
+                .iter()
+                .filter(|t| t.info.kind == TrackKind::Audio)
+                .map(|t| (t.publisher.clone(), t.loudness()))
+                .max_by_key(|(_, l)| *l);
+            let current_level = inner.speaker.as_ref().and_then(|s| {
+                inner
+                    .tracks
+                    .iter()
+                    .find(|t| &t.publisher == s && t.info.kind == TrackKind::Audio)
+                    .map(|t| t.loudness())
+            });
+            match loudest {
+                Some((who, level))
+                    if level >= SPEAKING
+                        && inner.speaker.as_ref() != Some(&who)
+                        && current_level.is_none_or(|c| level > c + MARGIN) =>
+                {
+                    inner.speaker = Some(who.clone());
+                    Some(Some(who))
+                }
+                _ => None,
+            }
+        };
+        if let Some(participant_id) = event {
+            self.broadcast(RoomEvent::ActiveSpeaker { participant_id });
+        }
+    }
+}
+
+async fn speaker_loop(room: Weak<Room>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(300));
+    loop {
+        tick.tick().await;
+        let Some(room) = room.upgrade() else { return };
+        room.update_speaker();
+    }
+}

@@ -1,0 +1,306 @@
+//! A published track and its receivers: the forwarding path.
+//!
+//! One task per published track reads the publisher's RTP and hands each
+//! packet to every receiver's queue with `try_send`, so a slow receiver loses
+//! its own packets (and recovers them by NACK) without holding up the others.
+//! One task per receiver rewrites and sends. The receiver list is swapped
+//! whole on change (`ArcSwap`), so the per-packet read takes no lock.
+
+use crate::forward::{AUDIO_LEVEL_URI, ExtensionMap, Rewriter, audio_level};
+use crate::keyframe::{Decision, Limiter, is_keyframe_request};
+use arc_swap::ArcSwap;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RtpCodecKind};
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tracing::{debug, trace};
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::rtp_transceiver::RtpSender;
+
+/// Packets queued per receiver before it starts losing them.
+const RECEIVER_QUEUE: usize = 512;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrackKind {
+    Audio,
+    Video,
+}
+
+impl From<RtpCodecKind> for TrackKind {
+    fn from(k: RtpCodecKind) -> Self {
+        match k {
+            RtpCodecKind::Audio => TrackKind::Audio,
+            _ => TrackKind::Video,
+        }
+    }
+}
+
+/// What clients are told about a published track.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrackInfo {
+    /// Unique in the room; also the track id the receivers see.
+    pub id: String,
+    pub kind: TrackKind,
+    /// e.g. "audio/opus", "video/VP8".
+    pub codec: String,
+}
+
+/// A track one participant publishes.
+pub struct Published {
+    pub info: TrackInfo,
+    pub publisher: String,
+    pub codec: RTCRtpCodec,
+    remote: Arc<dyn TrackRemote>,
+    media_ssrc: u32,
+    /// Publisher-side negotiated header extensions, `(uri, id)`.
+    extensions: Vec<(String, u16)>,
+    receivers: ArcSwap<Vec<Arc<Receiver>>>,
+    keyframes: Mutex<Limiter>,
+    /// Smoothed loudness (127 - dBov) × 16, for active-speaker detection.
+    loudness: AtomicU32,
+    /// Packets seen, for stats and tests.
+    pub packets: AtomicU64,
+}
+
+/// One receiver's copy of a published track.
+pub struct Receiver {
+    pub subscriber: String,
+    pub local: Arc<TrackLocalStaticRTP>,
+    pub sender: Arc<dyn RtpSender>,
+    queue: mpsc::Sender<Feed>,
+    ready: AtomicBool,
+}
+
+enum Feed {
+    Rtp(rtp::Packet),
+    /// The receiver's leg is negotiated: learn its payload type and extension ids.
+    Negotiated,
+}
+
+impl Published {
+    pub(crate) async fn new(
+        publisher: &str,
+        remote: Arc<dyn TrackRemote>,
+        extensions: Vec<(String, u16)>,
+    ) -> Option<Arc<Published>> {
+        let media_ssrc = *remote.ssrcs().await.first()?;
+        let codec = remote.codec(media_ssrc).await?;
+        let kind = TrackKind::from(remote.kind().await);
+        let id = format!("{publisher}-{}", remote.track_id().await);
+        Some(Arc::new(Published {
+            info: TrackInfo {
+                id,
+                kind,
+                codec: codec.mime_type.to_ascii_lowercase(),
+            },
+            publisher: publisher.to_owned(),
+            codec,
+            remote,
+            media_ssrc,
+            extensions,
+            receivers: ArcSwap::from_pointee(Vec::new()),
+            keyframes: Mutex::new(Limiter::default()),
+            loudness: AtomicU32::new(0),
+            packets: AtomicU64::new(0),
+        }))
+    }
+
+    /// Reads the publisher's RTP until the track ends, fanning out to receivers.
+    /// Returns when the publisher's track has ended.
+    pub(crate) async fn forward(self: Arc<Self>) {
+        let level_id = self
+            .extensions
+            .iter()
+            .find(|(u, _)| u == AUDIO_LEVEL_URI)
+            .map_or(0, |(_, id)| *id as u8);
+        while let Some(evt) = self.remote.poll().await {
+            match evt {
+                TrackRemoteEvent::OnRtpPacket(pkt) => {
+                    self.packets.fetch_add(1, Ordering::Relaxed);
+                    if let Some((level, _voice)) = audio_level(&pkt, level_id) {
+                        self.update_loudness(level);
+                    }
+                    for r in self.receivers.load().iter() {
+                        if r.queue.try_send(Feed::Rtp(pkt.clone())).is_err() {
+                            trace!(subscriber = %r.subscriber, "receiver queue full, packet dropped");
+                        }
+                    }
+                }
+                TrackRemoteEvent::OnEnded => break,
+                _ => {}
+            }
+        }
+        debug!(track = %self.info.id, "published track ended");
+    }
+
+    fn update_loudness(&self, dbov: u8) {
+        // Exponential smoothing over ~10 packets (200 ms of audio).
+        let sample = (127 - dbov.min(127) as u32) * 16;
+        let prev = self.loudness.load(Ordering::Relaxed);
+        self.loudness
+            .store((prev * 9 + sample) / 10, Ordering::Relaxed);
+    }
+
+    /// Smoothed loudness, 0 (silent) to 127 (full scale).
+    pub fn loudness(&self) -> u32 {
+        self.loudness.load(Ordering::Relaxed) / 16
+    }
+
+    /// Adds a receiver and starts its send and feedback tasks.
+    pub(crate) fn add_receiver(
+        self: &Arc<Self>,
+        subscriber: &str,
+        local: Arc<TrackLocalStaticRTP>,
+        sender: Arc<dyn RtpSender>,
+        out_ssrc: u32,
+    ) -> Arc<Receiver> {
+        let (tx, rx) = mpsc::channel(RECEIVER_QUEUE);
+        let r = Arc::new(Receiver {
+            subscriber: subscriber.to_owned(),
+            local,
+            sender,
+            queue: tx,
+            ready: AtomicBool::new(false),
+        });
+        self.receivers.rcu(|list| {
+            let mut list = Vec::clone(list);
+            list.push(r.clone());
+            list
+        });
+        tokio::spawn(send_loop(self.clone(), r.clone(), rx, out_ssrc));
+        r
+    }
+
+    pub(crate) fn remove_receiver(&self, subscriber: &str) -> Option<Arc<Receiver>> {
+        let mut removed = None;
+        self.receivers.rcu(|list| {
+            let mut list = Vec::clone(list);
+            if let Some(i) = list.iter().position(|r| r.subscriber == subscriber) {
+                removed = Some(list.remove(i));
+            }
+            list
+        });
+        removed
+    }
+
+    pub fn receiver_count(&self) -> usize {
+        self.receivers.load().len()
+    }
+
+    /// Asks the publisher for a keyframe, coalesced and rate-limited.
+    pub(crate) fn request_keyframe(self: &Arc<Self>) {
+        if self.info.kind != TrackKind::Video {
+            return;
+        }
+        let decision = self.keyframes.lock().unwrap().request(Instant::now());
+        match decision {
+            Decision::SendNow => {
+                let me = self.clone();
+                tokio::spawn(async move { me.send_pli().await });
+            }
+            Decision::SendAt(at) => {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at.into()).await;
+                    me.keyframes.lock().unwrap().sent_scheduled(Instant::now());
+                    me.send_pli().await;
+                });
+            }
+            Decision::Coalesced => {}
+        }
+    }
+
+    async fn send_pli(&self) {
+        let pli = PictureLossIndication {
+            sender_ssrc: 0,
+            media_ssrc: self.media_ssrc,
+        };
+        if let Err(e) = self.remote.write_rtcp(vec![Box::new(pli)]).await {
+            debug!(track = %self.info.id, "PLI not sent: {e}");
+        }
+    }
+}
+
+impl Receiver {
+    /// Called once the receiver's leg has been negotiated.
+    pub(crate) fn negotiated(&self) {
+        if !self.ready.swap(true, Ordering::AcqRel) {
+            let _ = self.queue.try_send(Feed::Negotiated);
+        }
+    }
+}
+
+async fn send_loop(
+    track: Arc<Published>,
+    r: Arc<Receiver>,
+    mut rx: mpsc::Receiver<Feed>,
+    out_ssrc: u32,
+) {
+    let mut rewriter: Option<Rewriter> = None;
+    while let Some(feed) = rx.recv().await {
+        match feed {
+            Feed::Negotiated => {
+                let first = rewriter.is_none();
+                rewriter = make_rewriter(&track, &r, out_ssrc).await;
+                if first && rewriter.is_some() {
+                    // The track is bound only now; before, poll() has nothing to wait on.
+                    tokio::spawn(feedback_loop(track.clone(), r.clone()));
+                }
+                if rewriter.is_some() {
+                    // A new receiver needs a keyframe to start decoding.
+                    track.request_keyframe();
+                }
+            }
+            Feed::Rtp(mut pkt) => {
+                let Some(rw) = rewriter.as_mut() else {
+                    continue;
+                };
+                if rw.rewrite(&mut pkt) && r.local.write_rtp(pkt).await.is_err() {
+                    // Unbound: the receiver's connection is going away.
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn make_rewriter(track: &Published, r: &Receiver, out_ssrc: u32) -> Option<Rewriter> {
+    let params = r.sender.get_parameters().await.ok()?;
+    let mime = &track.codec.mime_type;
+    let Some(codec) = params
+        .rtp_parameters
+        .codecs
+        .iter()
+        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(mime))
+    else {
+        debug!(subscriber = %r.subscriber, %mime, "receiver did not accept the codec");
+        return None;
+    };
+    let rx_exts: Vec<(&str, u16)> = params
+        .rtp_parameters
+        .header_extensions
+        .iter()
+        .map(|e| (e.uri.as_str(), e.id))
+        .collect();
+    let map = ExtensionMap::new(
+        track.extensions.iter().map(|(u, id)| (u.as_str(), *id)),
+        rx_exts.iter().copied(),
+    );
+    Some(Rewriter::new(out_ssrc, codec.payload_type, map))
+}
+
+/// Relays the receiver's keyframe requests to the publisher.
+async fn feedback_loop(track: Arc<Published>, r: Arc<Receiver>) {
+    while let Some(TrackLocalEvent::OnRtcpPacket(pkts)) = r.local.poll().await {
+        if pkts.iter().any(|p| is_keyframe_request(p.as_ref())) {
+            track.request_keyframe();
+        }
+    }
+}
