@@ -1,1 +1,98 @@
-fn main() {}
+//! `confer`: runs Confer's services.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use confer_signaling::{AppState, Config};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "confer", version, about = "Self-hosted WebRTC conferencing")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// Configuration file (TOML); see deploy/confer.toml.
+    #[arg(long, env = "CONFER_CONFIG")]
+    config: Option<PathBuf>,
+    /// HTTP/WebSocket address (overrides `listen`).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory (overrides `data_dir`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every service in this process (the default install).
+    Serve(Common),
+    /// Run only the media plane (split deployments; not available yet).
+    Sfu(Common),
+    /// Run only signaling (split deployments; not available yet).
+    Signaling(Common),
+    /// Load and validate the configuration, print it, and exit.
+    CheckConfig(Common),
+}
+
+fn load(c: &Common) -> anyhow::Result<Config> {
+    let mut cfg = Config::load(c.config.as_deref(), std::env::vars())?;
+    if let Some(l) = c.listen {
+        cfg.listen = l;
+    }
+    if let Some(d) = &c.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    Ok(cfg)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("CONFER_LOG")
+                .unwrap_or_else(|_| EnvFilter::new("info,webrtc=warn,rtc=warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(c) => serve(load(&c)?).await,
+        Command::CheckConfig(c) => {
+            let cfg = load(&c)?;
+            println!(
+                "configuration is valid: listen {}, data_dir {}, demo mode {}",
+                cfg.listen,
+                cfg.data_dir.display(),
+                cfg.demo_mode()
+            );
+            Ok(())
+        }
+        Command::Sfu(_) | Command::Signaling(_) => anyhow::bail!(
+            "split deployments (separate sfu and signaling processes) are not implemented yet; run `confer serve`"
+        ),
+    }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("data_dir: cannot create {}", cfg.data_dir.display()))?;
+    let listen = cfg.listen;
+    let demo = cfg.demo_mode();
+    let state = AppState::new(cfg).map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listen: cannot bind {listen}"))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, demo, "Confer is serving on http://{addr}/");
+    // Scripts read this line to find the port when they asked for port 0.
+    println!("confer listening on http://{addr}/");
+    confer_signaling::serve(listener, state, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}

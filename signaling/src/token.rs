@@ -1,0 +1,205 @@
+//! Join tokens: JWTs the home server signs (HS256 with a shared secret, or
+//! EdDSA with a key pair). In demo mode Confer mints them itself with a
+//! per-process secret, so nobody outside can forge one either.
+
+use confer_sfu::Role;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Seconds of clock skew tolerated between the home server and Confer.
+const LEEWAY_SECS: u64 = 30;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Claims {
+    /// User id on the home server.
+    pub sub: String,
+    /// Display name.
+    pub name: String,
+    /// Room (meeting) id.
+    pub room: String,
+    pub role: Role,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TokenError {
+    #[error("token has expired")]
+    Expired,
+    #[error("token is invalid: {0}")]
+    Invalid(String),
+}
+
+impl TokenError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            TokenError::Expired => "token_expired",
+            TokenError::Invalid(_) => "token_invalid",
+        }
+    }
+}
+
+pub struct Tokens {
+    keys: Vec<(DecodingKey, Algorithm)>,
+    /// Only in demo mode.
+    minting: Option<EncodingKey>,
+}
+
+impl Tokens {
+    /// Verifies tokens signed with `secret` (HS256) and/or the Ed25519 key in `public_key_pem`.
+    pub fn new(secret: Option<&str>, public_key_pem: Option<&[u8]>) -> Result<Tokens, String> {
+        let mut keys = Vec::new();
+        if let Some(s) = secret {
+            keys.push((DecodingKey::from_secret(s.as_bytes()), Algorithm::HS256));
+        }
+        if let Some(pem) = public_key_pem {
+            let key = DecodingKey::from_ed_pem(pem)
+                .map_err(|e| format!("not an Ed25519 public key in PEM: {e}"))?;
+            keys.push((key, Algorithm::EdDSA));
+        }
+        Ok(Tokens {
+            keys,
+            minting: None,
+        })
+    }
+
+    /// Demo mode: a random per-process secret that Confer signs with itself.
+    pub fn demo() -> Tokens {
+        let secret: [u8; 32] = rand::random();
+        Tokens {
+            keys: vec![(DecodingKey::from_secret(&secret), Algorithm::HS256)],
+            minting: Some(EncodingKey::from_secret(&secret)),
+        }
+    }
+
+    pub fn can_mint(&self) -> bool {
+        self.minting.is_some()
+    }
+
+    pub fn mint(&self, claims: &Claims) -> Option<String> {
+        let key = self.minting.as_ref()?;
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, key).ok()
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        if token.len() > 8192 {
+            return Err(TokenError::Invalid("longer than 8 KiB".into()));
+        }
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Invalid(e.to_string()))?;
+        let Some((key, alg)) = self.keys.iter().find(|(_, a)| *a == header.alg) else {
+            return Err(TokenError::Invalid(format!(
+                "algorithm {:?} is not accepted",
+                header.alg
+            )));
+        };
+        let mut v = Validation::new(*alg);
+        v.leeway = LEEWAY_SECS;
+        v.set_required_spec_claims(&["exp", "sub"]);
+        v.validate_aud = false;
+        match jsonwebtoken::decode::<Claims>(token, key, &v) {
+            Ok(data) => validate_claims(data.claims),
+            Err(e) => match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => Err(TokenError::Expired),
+                _ => Err(TokenError::Invalid(e.to_string())),
+            },
+        }
+    }
+}
+
+fn validate_claims(c: Claims) -> Result<Claims, TokenError> {
+    if !valid_room_id(&c.room) {
+        return Err(TokenError::Invalid(
+            "room must be 1-64 characters of A-Z a-z 0-9 _ -".into(),
+        ));
+    }
+    if c.sub.is_empty() || c.sub.len() > 256 {
+        return Err(TokenError::Invalid("sub must be 1-256 characters".into()));
+    }
+    if c.name.trim().is_empty() || c.name.chars().count() > 100 {
+        return Err(TokenError::Invalid("name must be 1-100 characters".into()));
+    }
+    Ok(c)
+}
+
+pub fn valid_room_id(room: &str) -> bool {
+    (1..=64).contains(&room.len())
+        && room
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(exp: u64) -> Claims {
+        Claims {
+            sub: "u1".into(),
+            name: "Ada".into(),
+            room: "standup".into(),
+            role: Role::Participant,
+            exp,
+            email: None,
+        }
+    }
+
+    #[test]
+    fn hs256_round_trip_and_rejections() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let tokens = Tokens::new(Some(secret), None).unwrap();
+        let good = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims(now_secs() + 60),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(tokens.verify(&good).unwrap().room, "standup");
+
+        let expired = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims(now_secs() - 3600),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(tokens.verify(&expired), Err(TokenError::Expired));
+
+        let forged = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims(now_secs() + 60),
+            &EncodingKey::from_secret(b"another secret of enough length!!"),
+        )
+        .unwrap();
+        assert_eq!(tokens.verify(&forged).unwrap_err().code(), "token_invalid");
+        assert_eq!(
+            tokens.verify("garbage").unwrap_err().code(),
+            "token_invalid"
+        );
+    }
+
+    #[test]
+    fn demo_tokens_verify_only_in_their_own_process() {
+        let a = Tokens::demo();
+        let b = Tokens::demo();
+        let t = a.mint(&claims(now_secs() + 60)).unwrap();
+        assert!(a.verify(&t).is_ok());
+        assert!(b.verify(&t).is_err());
+    }
+
+    #[test]
+    fn room_ids() {
+        assert!(valid_room_id("team-42_x"));
+        assert!(!valid_room_id(""));
+        assert!(!valid_room_id("../etc"));
+        assert!(!valid_room_id(&"a".repeat(65)));
+    }
+}
