@@ -47,7 +47,7 @@ impl Default for SfuConfig {
             public_ip: None,
             ice_servers: Vec::new(),
             empty_room_grace: Duration::from_secs(30),
-            disconnect_timeout: Duration::from_secs(10),
+            disconnect_timeout: Duration::from_secs(5),
             max_participants: 100,
         }
     }
