@@ -1,0 +1,457 @@
+// Confer's meeting page (/m/{room}) and call widget (/call/{room}).
+// Protocol: docs/signaling.md. Embedding: docs/embedding.md.
+
+const match = location.pathname.match(/^\/(m|call)\/([A-Za-z0-9_-]{1,64})$/);
+const mode = match && match[1] === 'call' ? 'call' : 'meeting';
+const roomId = match ? match[2] : '';
+document.body.classList.add(mode);
+
+const $ = (id) => document.getElementById(id);
+const grid = $('grid');
+const statusEl = $('status');
+
+// ---------------------------------------------------------------- host page
+// The widget tells the page embedding it how the call goes.
+let callState = null;
+function notifyHost(event, extra = {}) {
+  if (window.parent === window || callState === event) return;
+  callState = event;
+  window.parent.postMessage({ source: 'confer', event, room: roomId, ...extra }, '*');
+}
+
+function setStatus(text) { statusEl.textContent = text; }
+
+function showBanner(text, kind = 'warn') {
+  const b = $('banner');
+  b.textContent = text;
+  b.className = kind;
+  b.hidden = !text;
+}
+
+// ---------------------------------------------------------------- token
+// From the URL fragment (#token=…), from the host page (postMessage), or in
+// demo mode from the server for a name (?name=… or asked here).
+async function obtainToken() {
+  const frag = new URLSearchParams(location.hash.slice(1));
+  if (frag.get('token')) return frag.get('token');
+  const cfg = await fetch('/api/config').then((r) => r.json());
+  if (!cfg.demo) {
+    if (window.parent === window) throw new Error('This link has no join token. Open the meeting from your groupware server.');
+    setStatus('Waiting for the chat window…');
+    return new Promise((resolve) => {
+      window.addEventListener('message', (e) => {
+        if (e.source === window.parent && e.data && e.data.type === 'confer:token') resolve(String(e.data.token));
+      });
+      window.parent.postMessage({ source: 'confer', event: 'ready', room: roomId }, '*');
+    });
+  }
+  let name = new URLSearchParams(location.search).get('name');
+  if (!name) name = await askName();
+  const res = await fetch('/api/demo/token', {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ name, room: roomId }),
+  });
+  const body = await res.json();
+  if (!res.ok) throw new Error(body.error ? body.error.message : `demo login failed (${res.status})`);
+  return body.token;
+}
+
+function askName() {
+  const form = $('name-form');
+  const input = $('name-input');
+  input.value = localStorage.getItem('confer.name') || '';
+  form.hidden = false;
+  setStatus('Who are you?');
+  return new Promise((resolve) => {
+    form.addEventListener('submit', (e) => {
+      e.preventDefault();
+      const name = input.value.trim();
+      localStorage.setItem('confer.name', name);
+      form.hidden = true;
+      resolve(name);
+    });
+  });
+}
+
+// ---------------------------------------------------------------- tiles
+const tiles = new Map(); // participant id -> { el, video, stream, name, audioMuted, videoMuted }
+let selfId = null;
+
+function tileFor(id, name, local = false) {
+  let t = tiles.get(id);
+  if (t) return t;
+  const el = document.createElement('div');
+  el.className = 'tile' + (local ? ' local' : ' remote');
+  el.dataset.participant = id;
+  const video = document.createElement('video');
+  video.autoplay = true;
+  video.playsInline = true;
+  if (local) video.muted = true;
+  const placeholder = document.createElement('div');
+  placeholder.className = 'placeholder';
+  placeholder.textContent = (name || '?').trim().charAt(0).toUpperCase();
+  const label = document.createElement('div');
+  label.className = 'label';
+  el.append(video, placeholder, label);
+  grid.append(el);
+  t = { el, video, label, stream: new MediaStream(), name, audioMuted: false, videoMuted: false };
+  video.srcObject = t.stream;
+  tiles.set(id, t);
+  renderTile(id);
+  renderPeople();
+  return t;
+}
+
+function renderTile(id) {
+  const t = tiles.get(id);
+  if (!t) return;
+  t.label.textContent = id === selfId ? `${t.name} (you)` : t.name;
+  const flags = [];
+  if (t.audioMuted) flags.push('muted');
+  if (t.videoMuted) flags.push('no video');
+  if (flags.length) {
+    const span = document.createElement('span');
+    span.className = 'flags';
+    span.textContent = flags.join(', ');
+    t.label.append(span);
+  }
+  const live = t.stream.getVideoTracks().some((v) => v.readyState === 'live');
+  t.el.classList.toggle('has-video', live && !t.videoMuted);
+}
+
+function removeTile(id) {
+  const t = tiles.get(id);
+  if (!t) return;
+  t.video.srcObject = null;
+  t.el.remove();
+  tiles.delete(id);
+  renderPeople();
+}
+
+function renderPeople() {
+  const list = $('people-list');
+  list.replaceChildren();
+  for (const [id, t] of tiles) {
+    const li = document.createElement('li');
+    li.textContent = id === selfId ? `${t.name} (you)` : t.name;
+    if (t.el.classList.contains('speaking')) li.className = 'speaking';
+    list.append(li);
+  }
+  $('count').textContent = String(tiles.size);
+}
+
+function setSpeaker(id) {
+  for (const [pid, t] of tiles) t.el.classList.toggle('speaking', pid === id);
+  renderPeople();
+}
+
+// ---------------------------------------------------------------- media
+let localStream = null;
+let cameraTrack = null;
+let screenTrack = null;
+
+async function openDevices() {
+  const attempts = [
+    { audio: true, video: { width: 640, height: 480 } },
+    { audio: true, video: false },
+    { audio: false, video: true },
+  ];
+  let lastError = null;
+  for (const constraints of attempts) {
+    try {
+      const s = await navigator.mediaDevices.getUserMedia(constraints);
+      if (!constraints.video) showBanner('No camera could be used: others will hear you but not see you.');
+      if (!constraints.audio) showBanner('No microphone could be used: others will see you but not hear you.');
+      return s;
+    } catch (e) {
+      lastError = e;
+      if (e.name === 'NotAllowedError') break; // asking again will not help
+    }
+  }
+  const denied = lastError && lastError.name === 'NotAllowedError';
+  showBanner(denied
+    ? 'Camera and microphone are blocked. Allow them in the browser\'s site settings and reload; until then you can watch and listen only.'
+    : 'No camera or microphone was found. You can watch and listen only.', 'error');
+  return new MediaStream();
+}
+
+// ---------------------------------------------------------------- call
+let ws = null;
+let pc = null;
+let token = null;
+let leaving = false;
+let retries = 0;
+let makingOffer = false;
+let pendingCandidates = [];
+let everConnected = false;
+
+function send(msg) {
+  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(msg));
+}
+
+function connect() {
+  setStatus(retries ? 'Reconnecting…' : 'Connecting…');
+  ws = new WebSocket(`${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`);
+  ws.onopen = () => send({ type: 'join', token, room: roomId });
+  ws.onmessage = (e) => handle(JSON.parse(e.data)).catch((err) => console.error('confer:', err));
+  ws.onclose = () => {
+    closePeer();
+    if (leaving) return;
+    retries += 1;
+    const delay = Math.min(10000, 500 * 2 ** Math.min(retries, 5));
+    showBanner(`Connection lost. Reconnecting in ${Math.round(delay / 1000)} s…`, 'error');
+    setStatus('Disconnected');
+    setTimeout(connect, delay);
+  };
+}
+
+function closePeer() {
+  if (pc) pc.close();
+  pc = null;
+  pendingCandidates = [];
+  for (const id of [...tiles.keys()]) if (id !== selfId) removeTile(id);
+}
+
+function newPeer(iceServers) {
+  pc = new RTCPeerConnection({ iceServers, bundlePolicy: 'max-bundle' });
+  for (const track of localStream.getTracks()) {
+    pc.addTransceiver(track, { direction: 'sendonly', streams: [localStream] });
+  }
+  // Watch-only (no devices): still make the first offer, which the server waits for.
+  if (!localStream.getTracks().length) pc.addTransceiver('audio', { direction: 'recvonly' });
+  pc.onicecandidate = (e) => { if (e.candidate) send({ type: 'candidate', candidate: e.candidate.toJSON() }); };
+  pc.onnegotiationneeded = async () => {
+    try {
+      makingOffer = true;
+      await pc.setLocalDescription();
+      send({ type: 'offer', sdp: pc.localDescription.sdp });
+    } catch (err) {
+      console.error('confer: offer failed', err);
+    } finally {
+      makingOffer = false;
+    }
+  };
+  pc.ontrack = (e) => {
+    const owner = e.streams[0] && e.streams[0].id;
+    if (!owner) return;
+    const t = tileFor(owner, '…');
+    t.stream.addTrack(e.track);
+    e.track.onunmute = () => renderTile(owner);
+    e.track.onended = () => { t.stream.removeTrack(e.track); renderTile(owner); };
+    renderTile(owner);
+    t.video.play().catch(() => {});
+  };
+  pc.onconnectionstatechange = () => {
+    if (pc.connectionState === 'connected') {
+      setStatus(mode === 'call' && tiles.size < 2 ? 'Waiting for the other person…' : 'Connected');
+      retries = 0;
+      showBanner('');
+    } else if (pc.connectionState === 'failed') {
+      showBanner('The media connection failed; reconnecting…', 'error');
+      ws.close();
+    }
+  };
+}
+
+async function handle(msg) {
+  switch (msg.type) {
+    case 'joined': {
+      if (selfId && selfId !== msg.participant_id) removeTile(selfId); // rejoined after a drop
+      selfId = msg.participant_id;
+      const me = tileFor(selfId, msg.name, true);
+      me.stream = localStream;
+      me.video.srcObject = localStream;
+      renderTile(selfId);
+      for (const p of msg.participants) addParticipant(p);
+      newPeer(msg.ice_servers);
+      $('controls').hidden = false;
+      updatePresence();
+      break;
+    }
+    case 'offer': {
+      // Polite peer: the server's offer wins a collision; ours is rolled back.
+      await pc.setRemoteDescription({ type: 'offer', sdp: msg.sdp });
+      await flushCandidates();
+      await pc.setLocalDescription();
+      send({ type: 'answer', sdp: pc.localDescription.sdp });
+      break;
+    }
+    case 'answer':
+      if (pc.signalingState === 'have-local-offer') {
+        await pc.setRemoteDescription({ type: 'answer', sdp: msg.sdp });
+        await flushCandidates();
+      }
+      break;
+    case 'candidate':
+      if (pc && pc.remoteDescription) await pc.addIceCandidate(msg.candidate).catch(() => {});
+      else pendingCandidates.push(msg.candidate);
+      break;
+    case 'participant_joined':
+      addParticipant(msg.participant);
+      updatePresence();
+      break;
+    case 'participant_left':
+      removeTile(msg.participant_id);
+      updatePresence();
+      break;
+    case 'mute': {
+      const t = tiles.get(msg.participant_id);
+      if (t) {
+        if (msg.kind === 'audio') t.audioMuted = msg.muted; else t.videoMuted = msg.muted;
+        renderTile(msg.participant_id);
+      }
+      break;
+    }
+    case 'active_speaker':
+      setSpeaker(msg.participant_id);
+      break;
+    case 'removed':
+      leaving = true;
+      showBanner(`You were removed from the meeting: ${msg.reason}.`, 'error');
+      end();
+      break;
+    case 'error':
+      handleError(msg);
+      break;
+    default:
+      break; // newer servers may send more; ignoring them is safe
+  }
+}
+
+function handleError(msg) {
+  const fatal = ['token_invalid', 'token_expired', 'wrong_room', 'room_full', 'room_closed'];
+  const texts = {
+    token_invalid: 'Your invitation link is not valid.',
+    token_expired: 'Your invitation link has expired. Open the meeting again from your groupware server.',
+    wrong_room: 'Your invitation is for a different meeting.',
+    room_full: 'This meeting is full.',
+    room_closed: 'This meeting has ended.',
+  };
+  if (fatal.includes(msg.code)) {
+    leaving = true;
+    showBanner(texts[msg.code] || msg.message, 'error');
+    end();
+  } else {
+    console.warn('confer: server error', msg.code, msg.message);
+  }
+}
+
+async function flushCandidates() {
+  const list = pendingCandidates;
+  pendingCandidates = [];
+  for (const c of list) await pc.addIceCandidate(c).catch(() => {});
+}
+
+function addParticipant(p) {
+  const t = tileFor(p.id, p.name);
+  t.name = p.name;
+  t.audioMuted = p.audio_muted;
+  t.videoMuted = p.video_muted;
+  t.el.querySelector('.placeholder').textContent = p.name.trim().charAt(0).toUpperCase();
+  renderTile(p.id);
+  renderPeople();
+}
+
+function updatePresence() {
+  const others = tiles.size - 1;
+  if (others > 0) {
+    everConnected = true;
+    notifyHost('connected', { participants: others + 1 });
+    setStatus('Connected');
+  } else if (everConnected && mode === 'call') {
+    notifyHost('ended', { reason: 'the other person left' });
+    setStatus('Call ended');
+  } else {
+    notifyHost('ringing');
+    setStatus(mode === 'call' ? 'Ringing…' : 'Waiting for others to join…');
+  }
+}
+
+function end() {
+  leaving = true;
+  if (ws) ws.close();
+  closePeer();
+  if (localStream) for (const t of localStream.getTracks()) t.stop();
+  if (screenTrack) screenTrack.stop();
+  $('controls').hidden = true;
+  setStatus('Left the meeting');
+  notifyHost('ended');
+}
+
+// ---------------------------------------------------------------- controls
+function wireControls() {
+  $('mic').onclick = () => {
+    const track = localStream.getAudioTracks()[0];
+    if (!track) return;
+    track.enabled = !track.enabled;
+    $('mic').setAttribute('aria-pressed', String(!track.enabled));
+    $('mic').textContent = track.enabled ? 'Mute' : 'Unmute';
+    send({ type: 'mute', kind: 'audio', muted: !track.enabled });
+    tiles.get(selfId).audioMuted = !track.enabled;
+    renderTile(selfId);
+  };
+  $('cam').onclick = () => {
+    if (!cameraTrack) return;
+    cameraTrack.enabled = !cameraTrack.enabled;
+    $('cam').setAttribute('aria-pressed', String(!cameraTrack.enabled));
+    $('cam').textContent = cameraTrack.enabled ? 'Stop video' : 'Start video';
+    send({ type: 'mute', kind: 'video', muted: !cameraTrack.enabled });
+    tiles.get(selfId).videoMuted = !cameraTrack.enabled;
+    renderTile(selfId);
+  };
+  $('share').onclick = async () => {
+    const sender = pc && pc.getSenders().find((s) => s.track && s.track.kind === 'video');
+    if (screenTrack) return stopSharing(sender);
+    if (!sender) { showBanner('Screen sharing needs a camera track to replace.'); return; }
+    try {
+      const display = await navigator.mediaDevices.getDisplayMedia({ video: true });
+      screenTrack = display.getVideoTracks()[0];
+      await sender.replaceTrack(screenTrack);
+      screenTrack.onended = () => stopSharing(sender);
+      $('share').setAttribute('aria-pressed', 'true');
+      $('share').textContent = 'Stop sharing';
+    } catch (e) {
+      if (e.name !== 'NotAllowedError') showBanner(`Screen sharing failed: ${e.message}`);
+    }
+  };
+  $('people-toggle').onclick = () => {
+    const p = $('people');
+    p.hidden = !p.hidden;
+    $('people-toggle').setAttribute('aria-pressed', String(!p.hidden));
+  };
+  $('leave').onclick = () => {
+    send({ type: 'leave' });
+    end();
+  };
+}
+
+async function stopSharing(sender) {
+  if (!screenTrack) return;
+  screenTrack.stop();
+  screenTrack = null;
+  if (sender) await sender.replaceTrack(cameraTrack);
+  $('share').setAttribute('aria-pressed', 'false');
+  $('share').textContent = 'Share screen';
+}
+
+async function main() {
+  if (!match) { showBanner('This is not a meeting address.', 'error'); return; }
+  $('room-name').textContent = roomId;
+  try {
+    token = await obtainToken();
+  } catch (e) {
+    showBanner(e.message, 'error');
+    setStatus('Cannot join');
+    return;
+  }
+  localStream = await openDevices();
+  cameraTrack = localStream.getVideoTracks()[0] || null;
+  wireControls();
+  connect();
+}
+
+// Diagnostics for the browser console and tests: the live peer connection.
+window.confer = { get pc() { return pc; }, get participantId() { return selfId; } };
+
+main();

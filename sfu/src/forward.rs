@@ -167,14 +167,19 @@ impl Rewriter {
     }
 
     fn rewrite_extensions(&self, pkt: &mut rtp::Packet) {
+        let one_byte = pkt.header.extension_profile == rtp::header::EXTENSION_PROFILE_ONE_BYTE;
         let exts = &mut pkt.header.extensions;
         exts.retain_mut(|e| match self.extensions.map(e.id) {
-            Some(id) => {
+            // One-byte headers carry ids 1-14 only.
+            Some(id) if !one_byte || id <= 14 => {
                 e.id = id;
                 true
             }
-            None => false,
+            _ => false,
         });
+        // The publisher's padding fitted its own, longer extension block;
+        // marshalling pads to a 32-bit boundary by itself.
+        pkt.header.extensions_padding = 0;
         if exts.is_empty() {
             pkt.header.extension = false;
         }
@@ -283,5 +288,42 @@ mod tests {
         assert_eq!(p.header.extensions.len(), 1);
         assert_eq!(p.header.extensions[0].id, 10);
         assert_eq!(audio_level(&p, 10), Some((5, true)));
+    }
+
+    #[test]
+    fn rewritten_packet_marshals_to_what_it_says() {
+        use rtc::shared::marshal::{Marshal, Unmarshal};
+        let map = ExtensionMap::new([(AUDIO_LEVEL_URI, 1)], [(AUDIO_LEVEL_URI, 3)]);
+        let mut r = Rewriter::new(1, 111, map);
+        // As a browser sends it: several extensions, padded block.
+        let wire = {
+            let mut p = pkt(7, 1, 0);
+            p.header
+                .set_extension(1, Bytes::from_static(&[0x85]))
+                .unwrap();
+            p.header
+                .set_extension(2, Bytes::from_static(&[1, 2, 3]))
+                .unwrap();
+            p.header.set_extension(4, Bytes::from_static(b"0")).unwrap();
+            p.header
+                .set_extension(5, Bytes::from_static(&[9, 9]))
+                .unwrap();
+            p.marshal().unwrap()
+        };
+        let mut p = rtp::Packet::unmarshal(&mut wire.clone()).unwrap();
+        r.rewrite(&mut p);
+        let out = p.marshal().unwrap();
+        let back = rtp::Packet::unmarshal(&mut out.clone()).unwrap();
+        assert_eq!(back.payload, Bytes::from_static(b"x"));
+        assert_eq!(back.header.extensions.len(), 1);
+        assert_eq!(audio_level(&back, 3), Some((5, true)));
+
+        // With nothing left to forward, no extension block at all.
+        let mut r = Rewriter::new(1, 111, ExtensionMap::none());
+        let mut p = rtp::Packet::unmarshal(&mut wire.clone()).unwrap();
+        r.rewrite(&mut p);
+        let back = rtp::Packet::unmarshal(&mut p.marshal().unwrap()).unwrap();
+        assert!(!back.header.extension);
+        assert_eq!(back.payload, Bytes::from_static(b"x"));
     }
 }

@@ -16,6 +16,7 @@ use rtc::interceptor::Slot;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodingParameters, RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
+use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -436,12 +437,25 @@ impl Participant {
                 ..Default::default()
             }],
         )));
-        let sender = match self
+        // A new sendonly transceiver each time: add_track would reuse the
+        // transceiver the client publishes on, which it set to sendonly.
+        let init = RTCRtpTransceiverInit {
+            direction: RTCRtpTransceiverDirection::Sendonly,
+            streams: vec![track.publisher.clone()],
+            send_encodings: Vec::new(),
+        };
+        let added = self
             .pc
-            .add_track(local.clone() as Arc<dyn TrackLocal>)
-            .await
-        {
-            Ok(s) => s,
+            .add_transceiver_from_track(local.clone() as Arc<dyn TrackLocal>, Some(init))
+            .await;
+        let sender = match added {
+            Ok(t) => match t.sender().await {
+                Ok(Some(s)) => s,
+                other => {
+                    warn!(participant = %self.id, track = %track.info.id, "transceiver without sender: {:?}", other.err());
+                    return;
+                }
+            },
             Err(e) => {
                 warn!(participant = %self.id, track = %track.info.id, "track not added: {e}");
                 return;

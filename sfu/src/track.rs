@@ -137,7 +137,7 @@ impl Published {
                 _ => {}
             }
         }
-        debug!(track = %self.info.id, "published track ended");
+        debug!(track = %self.info.id, packets = self.packets.load(Ordering::Relaxed), "published track ended");
     }
 
     fn update_loudness(&self, dbov: u8) {
@@ -293,6 +293,7 @@ async fn make_rewriter(track: &Published, r: &Receiver, out_ssrc: u32) -> Option
         track.extensions.iter().map(|(u, id)| (u.as_str(), *id)),
         rx_exts.iter().copied(),
     );
+    debug!(subscriber = %r.subscriber, track = %track.info.id, pt = codec.payload_type, "receiver negotiated");
     Some(Rewriter::new(out_ssrc, codec.payload_type, map))
 }
 

@@ -1,0 +1,148 @@
+// The web client in Debian's Chromium with fake camera and microphone,
+// against a real `confer serve` on 127.0.0.1.
+//
+// TEST_CONFER_BIN names the confer binary (scripts/test sets it).
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const BIN = process.env.TEST_CONFER_BIN;
+let server;
+let base;
+let browser;
+
+async function startConfer() {
+  assert.ok(BIN, 'set TEST_CONFER_BIN to the confer binary');
+  const dataDir = mkdtempSync(join(tmpdir(), 'confer-browser-'));
+  const proc = spawn(BIN, ['serve', '--listen', '127.0.0.1:0', '--data-dir', dataDir], {
+    env: { ...process.env, CONFER_SFU_UDP_PORT_MIN: '0', CONFER_SFU_UDP_PORT_MAX: '0' },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const url = await new Promise((resolve, reject) => {
+    let out = '';
+    const timer = setTimeout(() => reject(new Error(`confer did not start: ${out}`)), 20000);
+    proc.stdout.on('data', (d) => {
+      out += d;
+      const m = out.match(/confer listening on (http:\/\/[^/\s]+)\//);
+      if (m) { clearTimeout(timer); resolve(m[1]); }
+    });
+    proc.on('exit', (code) => reject(new Error(`confer exited with ${code}: ${out}`)));
+  });
+  return { proc, url };
+}
+
+before(async () => {
+  ({ proc: server, url: base } = await startConfer());
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    args: [
+      '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
+      '--allow-loopback-in-peer-connection', '--autoplay-policy=no-user-gesture-required',
+    ],
+  });
+});
+
+after(async () => {
+  if (browser) await browser.close();
+  if (server) server.kill('SIGTERM');
+});
+
+async function openPage(path) {
+  const ctx = await browser.newContext();
+  const page = await ctx.newPage();
+  page.on('pageerror', (e) => console.error(`[${path}] page error:`, e.message));
+  await page.goto(base + path);
+  return page;
+}
+
+// Decoded frames of every remote <video>, in tile order.
+function remoteFrames(frame) {
+  return frame.evaluate(() => [...document.querySelectorAll('.tile.remote video')]
+    .map((v) => v.getVideoPlaybackQuality().totalVideoFrames));
+}
+
+async function audioPacketsReceived(frame) {
+  return frame.evaluate(async () => {
+    const pc = window.confer && window.confer.pc;
+    if (!pc) return 0;
+    let n = 0;
+    (await pc.getStats()).forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'audio') n += s.packetsReceived; });
+    return n;
+  });
+}
+
+async function waitFor(what, timeoutMs, fn) {
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  while (Date.now() < deadline) {
+    last = await fn();
+    if (last) return last;
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  throw new Error(`timed out waiting for ${what} (last: ${JSON.stringify(last)})`);
+}
+
+// Every remote video decodes frames, and keeps decoding; audio packets keep coming.
+async function assertMediaFlowing(frame, remotes, label) {
+  await waitFor(`${label}: ${remotes} remote videos with frames`, 30000, async () => {
+    const f = await remoteFrames(frame);
+    return f.length === remotes && f.every((n) => n > 0);
+  });
+  const f1 = await remoteFrames(frame);
+  const a1 = await audioPacketsReceived(frame);
+  await new Promise((r) => setTimeout(r, 2000));
+  const f2 = await remoteFrames(frame);
+  const a2 = await audioPacketsReceived(frame);
+  assert.equal(f2.length, remotes, `${label}: remote video count`);
+  f2.forEach((n, i) => assert.ok(n > f1[i] + 10, `${label}: video ${i} frames rose only ${f1[i]} → ${n}`));
+  assert.ok(a2 > a1 + 50, `${label}: audio packets rose only ${a1} → ${a2}`);
+}
+
+test('three people meet; one leaves and the others drop the tile', async () => {
+  const names = ['Ana', 'Bo', 'Cy'];
+  const pages = [];
+  for (const n of names) pages.push(await openPage(`/m/standup?name=${n}`));
+  for (const [i, p] of pages.entries()) await assertMediaFlowing(p, 2, names[i]);
+
+  const labels = await pages[0].locator('.tile.remote .label').allTextContents();
+  assert.ok(labels.some((l) => l.startsWith('Bo')) && labels.some((l) => l.startsWith('Cy')), `labels: ${labels}`);
+
+  await pages[2].click('#leave');
+  for (const p of pages.slice(0, 2)) {
+    await waitFor('the tile of the one who left to go', 10000, async () =>
+      (await p.locator('.tile.remote').count()) === 1);
+  }
+  await assertMediaFlowing(pages[0], 1, 'Ana after Cy left');
+  for (const p of pages) await p.context().close();
+});
+
+test('the call widget connects a one-to-one call and tells its host page', async () => {
+  async function host(name) {
+    const ctx = await browser.newContext();
+    const page = await ctx.newPage();
+    await page.setContent(`<!doctype html><script>window.events = [];
+      addEventListener('message', (e) => { if (e.data && e.data.source === 'confer') window.events.push(e.data.event); });
+      </script><iframe id="w" src="${base}/call/chat-42?name=${name}" allow="camera; microphone" width="360" height="480"></iframe>`);
+    const frame = await waitFor('widget frame', 10000, async () => page.frames().find((f) => f.url().includes('/call/')));
+    return { page, frame };
+  }
+  const a = await host('Dee');
+  await waitFor('Dee ringing', 15000, async () => (await a.page.evaluate(() => window.events)).includes('ringing'));
+  const b = await host('Eli');
+  for (const side of [a, b]) {
+    await waitFor('connected event', 15000, async () => (await side.page.evaluate(() => window.events)).includes('connected'));
+    await assertMediaFlowing(side.frame, 1, 'widget');
+  }
+  await b.frame.click('#leave');
+  await waitFor('Eli ended', 10000, async () => (await b.page.evaluate(() => window.events)).includes('ended'));
+  await waitFor('Dee told the call ended', 15000, async () => (await a.page.evaluate(() => window.events)).includes('ended'));
+  await a.page.context().close();
+  await b.page.context().close();
+});
