@@ -233,8 +233,9 @@ function newPeer(iceServers) {
     }
   };
   pc.ontrack = (e) => {
+    // The server names each forwarded stream after its publisher.
     const owner = e.streams[0] && e.streams[0].id;
-    if (!owner) return;
+    if (!owner || !tiles.has(owner) || owner === selfId) return;
     const t = tileFor(owner, '…');
     t.stream.addTrack(e.track);
     e.track.onunmute = () => renderTile(owner);

@@ -127,6 +127,9 @@ test('the call widget connects a one-to-one call and tells its host page', async
   async function host(name) {
     const ctx = await browser.newContext();
     const page = await ctx.newPage();
+    // A real http origin, as a chat window has: camera permission is delegated
+    // to the iframe through allow="camera; microphone".
+    await page.goto(`${base}/healthz`);
     await page.setContent(`<!doctype html><script>window.events = [];
       addEventListener('message', (e) => { if (e.data && e.data.source === 'confer') window.events.push(e.data.event); });
       </script><iframe id="w" src="${base}/call/chat-42?name=${name}" allow="camera; microphone" width="360" height="480"></iframe>`);
