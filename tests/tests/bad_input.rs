@@ -1,0 +1,70 @@
+//! Hostile and broken input gets a precise error code, and a meeting in the
+//! same process keeps flowing throughout.
+
+use confer_signaling::token::now_secs;
+use confer_tests::{Client, Kind, Signal, TestServer, init_logging};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+async fn error_code(sig: &mut Signal) -> String {
+    let e = sig.expect("error", Duration::from_secs(10)).await.unwrap();
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "error without message: {e}");
+    e["code"].as_str().unwrap().to_owned()
+}
+
+fn audio_from(c: &Client, from: &Client) -> usize {
+    c.received(&from.participant_id, Kind::Audio).packets.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_the_meeting_keeps_flowing() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    let a = Client::join(&server, "ann", "steady", 1, true).await.unwrap();
+    let b = Client::join(&server, "bob", "steady", 2, true).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while audio_from(&a, &b) < 50 || audio_from(&b, &a) < 50 {
+        assert!(Instant::now() < deadline, "meeting never started flowing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = (audio_from(&a, &b), audio_from(&b, &a));
+
+    let mut bad = Signal::connect(&server.ws_url()).await.unwrap();
+    bad.send_raw("{not json".into());
+    assert_eq!(error_code(&mut bad).await, "bad_json");
+    bad.send(json!({"type": "teleport"}));
+    assert_eq!(error_code(&mut bad).await, "unknown_type");
+    bad.send(json!({"no_type": 1}));
+    assert_eq!(error_code(&mut bad).await, "bad_message");
+    bad.send(json!({"type": "offer", "sdp": "v=0"}));
+    assert_eq!(error_code(&mut bad).await, "not_joined");
+    bad.send_raw(format!("{{\"type\":\"ping\",\"pad\":\"{}\"}}", "x".repeat(100 * 1024)));
+    assert_eq!(error_code(&mut bad).await, "message_too_large");
+    bad.send(json!({"type": "join", "token": "garbage.token.here"}));
+    assert_eq!(error_code(&mut bad).await, "token_invalid");
+    bad.send(json!({"type": "join", "token": server.token_with("eve", "steady", now_secs() - 3600)}));
+    assert_eq!(error_code(&mut bad).await, "token_expired");
+    bad.send(json!({"type": "join", "token": server.token("eve", "other-room"), "room": "steady"}));
+    assert_eq!(error_code(&mut bad).await, "wrong_room");
+
+    // Joined for real, then garbage SDP and candidates.
+    bad.send(json!({"type": "join", "token": server.token("eve", "steady")}));
+    bad.expect("joined", Duration::from_secs(10)).await.unwrap();
+    bad.send(json!({"type": "offer", "sdp": "this is not SDP"}));
+    assert_eq!(error_code(&mut bad).await, "bad_sdp");
+    bad.send(json!({"type": "answer", "sdp": "v=0\r\n"}));
+    assert_eq!(error_code(&mut bad).await, "bad_sdp");
+    bad.send(json!({"type": "candidate", "candidate": {"candidate": "candidate:garbage", "sdpMid": "0"}}));
+    assert_eq!(error_code(&mut bad).await, "bad_candidate");
+    bad.send(json!({"type": "mute", "kind": "smell", "muted": true}));
+    assert_eq!(error_code(&mut bad).await, "bad_message");
+    bad.send(json!({"type": "join", "token": server.token("eve", "steady")}));
+    assert_eq!(error_code(&mut bad).await, "already_joined");
+    // Still answered after all that.
+    bad.send(json!({"type": "ping"}));
+    bad.expect("pong", Duration::from_secs(5)).await.unwrap();
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = (audio_from(&a, &b), audio_from(&b, &a));
+    assert!(after.0 > before.0 + 20 && after.1 > before.1 + 20, "meeting stalled: {before:?} → {after:?}");
+}
