@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 async fn error_code(sig: &mut Signal) -> String {
     let e = sig.expect("error", Duration::from_secs(10)).await.unwrap();
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "error without message: {e}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "error without message: {e}"
+    );
     e["code"].as_str().unwrap().to_owned()
 }
 
@@ -20,8 +23,12 @@ fn audio_from(c: &Client, from: &Client) -> usize {
 async fn bad_input_is_refused_and_the_meeting_keeps_flowing() {
     init_logging();
     let server = TestServer::start().await.unwrap();
-    let a = Client::join(&server, "ann", "steady", 1, true).await.unwrap();
-    let b = Client::join(&server, "bob", "steady", 2, true).await.unwrap();
+    let a = Client::join(&server, "ann", "steady", 1, true)
+        .await
+        .unwrap();
+    let b = Client::join(&server, "bob", "steady", 2, true)
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while audio_from(&a, &b) < 50 || audio_from(&b, &a) < 50 {
         assert!(Instant::now() < deadline, "meeting never started flowing");
@@ -38,11 +45,16 @@ async fn bad_input_is_refused_and_the_meeting_keeps_flowing() {
     assert_eq!(error_code(&mut bad).await, "bad_message");
     bad.send(json!({"type": "offer", "sdp": "v=0"}));
     assert_eq!(error_code(&mut bad).await, "not_joined");
-    bad.send_raw(format!("{{\"type\":\"ping\",\"pad\":\"{}\"}}", "x".repeat(100 * 1024)));
+    bad.send_raw(format!(
+        "{{\"type\":\"ping\",\"pad\":\"{}\"}}",
+        "x".repeat(100 * 1024)
+    ));
     assert_eq!(error_code(&mut bad).await, "message_too_large");
     bad.send(json!({"type": "join", "token": "garbage.token.here"}));
     assert_eq!(error_code(&mut bad).await, "token_invalid");
-    bad.send(json!({"type": "join", "token": server.token_with("eve", "steady", now_secs() - 3600)}));
+    bad.send(
+        json!({"type": "join", "token": server.token_with("eve", "steady", now_secs() - 3600)}),
+    );
     assert_eq!(error_code(&mut bad).await, "token_expired");
     bad.send(json!({"type": "join", "token": server.token("eve", "other-room"), "room": "steady"}));
     assert_eq!(error_code(&mut bad).await, "wrong_room");
@@ -66,5 +78,8 @@ async fn bad_input_is_refused_and_the_meeting_keeps_flowing() {
 
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = (audio_from(&a, &b), audio_from(&b, &a));
-    assert!(after.0 > before.0 + 20 && after.1 > before.1 + 20, "meeting stalled: {before:?} → {after:?}");
+    assert!(
+        after.0 > before.0 + 20 && after.1 > before.1 + 20,
+        "meeting stalled: {before:?} → {after:?}"
+    );
 }
