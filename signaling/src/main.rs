@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("CONFER_LOG")
-                .unwrap_or_else(|_| EnvFilter::new("info,webrtc=warn,rtc=warn")),
+                .unwrap_or_else(|_| EnvFilter::new("info,webrtc=warn,rtc=error")),
         )
         .init();
     let cli = Cli::parse();
