@@ -115,7 +115,7 @@ impl SfuConfig {
 }
 
 /// Durations are whole seconds in the config file.
-mod secs {
+pub mod secs {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 

@@ -103,6 +103,10 @@ pub struct Participant {
     events: mpsc::UnboundedSender<PeerEvent>,
     negotiation: tokio::sync::Mutex<Negotiation>,
     muted: Mutex<(bool, bool)>,
+    /// Set by a moderator's mute: the forwarding loop drops this
+    /// participant's audio until the participant unmutes themselves, so a
+    /// client that ignores the request is still silent.
+    pub(crate) audio_blocked: Arc<AtomicBool>,
     port: u16,
     sfu: Weak<Sfu>,
     closed: AtomicBool,
@@ -230,6 +234,7 @@ pub(crate) async fn connect(
         events,
         negotiation: tokio::sync::Mutex::new(Negotiation::default()),
         muted: Mutex::new((false, false)),
+        audio_blocked: Arc::new(AtomicBool::new(false)),
         port,
         sfu: Arc::downgrade(sfu),
         closed: AtomicBool::new(false),
@@ -303,9 +308,25 @@ impl Participant {
             }
             *slot = muted;
         }
+        if kind == TrackKind::Audio && !muted {
+            self.audio_blocked.store(false, Ordering::Relaxed);
+        }
         if let Some(room) = self.room.upgrade() {
             room.muted_changed(&self.id, kind, muted);
         }
+    }
+
+    /// A moderator mutes this participant's microphone: the SFU stops
+    /// forwarding it, the participant is asked to mute, everyone is told.
+    /// The participant may unmute themselves again (as in most meeting
+    /// products); until then nothing of their audio reaches anyone.
+    pub fn force_mute(&self, by: &str) {
+        self.audio_blocked.store(true, Ordering::Relaxed);
+        self.send(PeerEvent::MutedByModerator {
+            by: by.to_owned(),
+            kind: TrackKind::Audio,
+        });
+        self.set_muted(TrackKind::Audio, true);
     }
 
     /// Whether the peer connection is up.

@@ -71,6 +71,35 @@ pub enum RoomEvent {
     ActiveSpeaker {
         participant_id: Option<String>,
     },
+    /// The room will be closed at `closes_at` (Unix seconds), e.g. because
+    /// the meeting's scheduled time is over.
+    Closing {
+        closes_at: u64,
+        reason: String,
+    },
+}
+
+/// Room lifecycle, for whoever keeps history (signaling's webhooks).
+/// Sent in the order things happened.
+#[derive(Clone, Debug)]
+pub enum Lifecycle {
+    RoomOpened {
+        room: String,
+    },
+    Joined {
+        room: String,
+        participant: ParticipantSummary,
+    },
+    Left {
+        room: String,
+        participant_id: String,
+        user_id: String,
+        reason: String,
+    },
+    RoomClosed {
+        room: String,
+        reason: String,
+    },
 }
 
 /// Something one participant's signaling session must pass on.
@@ -86,6 +115,11 @@ pub enum PeerEvent {
     Removed {
         reason: String,
     },
+    /// A moderator muted this participant.
+    MutedByModerator {
+        by: String,
+        kind: TrackKind,
+    },
 }
 
 /// The media plane: all rooms of this process.
@@ -93,6 +127,7 @@ pub struct Sfu {
     pub(crate) config: SfuConfig,
     rooms: Mutex<HashMap<String, Arc<Room>>>,
     pub(crate) ports: PortPool,
+    observer: Mutex<Option<mpsc::UnboundedSender<Lifecycle>>>,
 }
 
 /// What a successful join hands to signaling.
@@ -130,7 +165,21 @@ impl Sfu {
             config,
             rooms: Mutex::new(HashMap::new()),
             ports,
+            observer: Mutex::new(None),
         })
+    }
+
+    /// Lifecycle events from now on. One observer; a second call replaces it.
+    pub fn observe(&self) -> mpsc::UnboundedReceiver<Lifecycle> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.observer.lock().unwrap() = Some(tx);
+        rx
+    }
+
+    fn tell_observer(&self, event: Lifecycle) {
+        if let Some(tx) = self.observer.lock().unwrap().as_ref() {
+            let _ = tx.send(event);
+        }
     }
 
     pub fn config(&self) -> &SfuConfig {
@@ -162,6 +211,10 @@ impl Sfu {
             room.leave(&p.id, reason).await;
         }
         info!(room = id, reason, "room closed");
+        self.tell_observer(Lifecycle::RoomClosed {
+            room: id.to_owned(),
+            reason: reason.to_owned(),
+        });
         true
     }
 
@@ -178,6 +231,9 @@ impl Sfu {
                 });
                 tokio::spawn(speaker_loop(Arc::downgrade(&room)));
                 info!(room = id, "room created");
+                self.tell_observer(Lifecycle::RoomOpened {
+                    room: id.to_owned(),
+                });
                 room
             })
             .clone()
@@ -220,6 +276,10 @@ impl Sfu {
             return Err(SfuError::RoomClosed(room_id.to_owned()));
         };
         let me = room.summary_of(&participant);
+        self.tell_observer(Lifecycle::Joined {
+            room: room_id.to_owned(),
+            participant: me.clone(),
+        });
         room.broadcast_except(&participant.id, RoomEvent::ParticipantJoined(me));
         for t in tracks {
             participant.subscribe(&t).await;
@@ -258,7 +318,12 @@ impl Sfu {
                 let mut rooms = sfu.rooms.lock().unwrap();
                 if rooms.get(&room.id).is_some_and(|r| Arc::ptr_eq(r, &room)) {
                     rooms.remove(&room.id);
+                    drop(rooms);
                     info!(room = %room.id, "empty room removed");
+                    sfu.tell_observer(Lifecycle::RoomClosed {
+                        room: room.id.clone(),
+                        reason: "empty".into(),
+                    });
                 }
             }
         });
@@ -330,6 +395,14 @@ impl Room {
         self.broadcast_except("", event)
     }
 
+    /// Tells everyone the room will close at `closes_at` (Unix seconds).
+    pub fn announce_closing(&self, closes_at: u64, reason: &str) {
+        self.broadcast(RoomEvent::Closing {
+            closes_at,
+            reason: reason.to_owned(),
+        });
+    }
+
     /// A participant's peer connection delivered a new remote track.
     pub(crate) async fn publish(
         self: &Arc<Self>,
@@ -337,7 +410,7 @@ impl Room {
         remote: Arc<dyn TrackRemote>,
     ) {
         let extensions = publisher.remote_extensions().await;
-        let Some(track) = Published::new(&publisher.id, remote, extensions).await else {
+        let Some(track) = Published::new(publisher, remote, extensions).await else {
             debug!(participant = %publisher.id, "remote track without SSRC or codec ignored");
             return;
         };
@@ -441,6 +514,12 @@ impl Room {
         });
         info!(room = %self.id, participant = participant_id, reason, "left");
         if let Some(sfu) = self.sfu.upgrade() {
+            sfu.tell_observer(Lifecycle::Left {
+                room: self.id.clone(),
+                participant_id: participant_id.to_owned(),
+                user_id: p.info.user_id.clone(),
+                reason: reason.to_owned(),
+            });
             sfu.schedule_removal_if_empty(self);
         }
     }

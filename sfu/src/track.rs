@@ -8,6 +8,7 @@
 
 use crate::forward::{AUDIO_LEVEL_URI, ExtensionMap, Rewriter, audio_level};
 use crate::keyframe::{Decision, Limiter, is_keyframe_request};
+use crate::peer::Participant;
 use arc_swap::ArcSwap;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp;
@@ -67,6 +68,8 @@ pub struct Published {
     loudness: AtomicU32,
     /// Packets seen, for stats and tests.
     pub packets: AtomicU64,
+    /// The publisher's moderator-mute flag; audio only (video has none).
+    blocked: Option<Arc<AtomicBool>>,
 }
 
 /// One receiver's copy of a published track.
@@ -86,21 +89,22 @@ enum Feed {
 
 impl Published {
     pub(crate) async fn new(
-        publisher: &str,
+        publisher: &Participant,
         remote: Arc<dyn TrackRemote>,
         extensions: Vec<(String, u16)>,
     ) -> Option<Arc<Published>> {
         let media_ssrc = *remote.ssrcs().await.first()?;
         let codec = remote.codec(media_ssrc).await?;
         let kind = TrackKind::from(remote.kind().await);
-        let id = format!("{publisher}-{}", remote.track_id().await);
+        let id = format!("{}-{}", publisher.id, remote.track_id().await);
+        let blocked = (kind == TrackKind::Audio).then(|| publisher.audio_blocked.clone());
         Some(Arc::new(Published {
             info: TrackInfo {
                 id,
                 kind,
                 codec: codec.mime_type.to_ascii_lowercase(),
             },
-            publisher: publisher.to_owned(),
+            publisher: publisher.id.clone(),
             codec,
             remote,
             media_ssrc,
@@ -109,6 +113,7 @@ impl Published {
             keyframes: Mutex::new(Limiter::default()),
             loudness: AtomicU32::new(0),
             packets: AtomicU64::new(0),
+            blocked,
         }))
     }
 
@@ -124,6 +129,13 @@ impl Published {
             match evt {
                 TrackRemoteEvent::OnRtpPacket(pkt) => {
                     self.packets.fetch_add(1, Ordering::Relaxed);
+                    if self
+                        .blocked
+                        .as_ref()
+                        .is_some_and(|b| b.load(Ordering::Relaxed))
+                    {
+                        continue;
+                    }
                     if let Some((level, _voice)) = audio_level(&pkt, level_id) {
                         self.update_loudness(level);
                     }

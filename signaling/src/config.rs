@@ -4,9 +4,11 @@
 //! the file over built-in defaults. Every error names the key at fault.
 
 use confer_sfu::SfuConfig;
+use confer_sfu::config::secs;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -17,6 +19,134 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub auth: AuthConfig,
     pub sfu: SfuConfig,
+    pub schedule: ScheduleConfig,
+    pub webhooks: WebhookConfig,
+}
+
+/// Where meeting schedules come from (`docs/home-server.md`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    /// `local` (a file in the data dir; the default), `caldav`, `http`, or
+    /// `none` (the token alone admits; for home servers that check the
+    /// schedule before they sign a token).
+    pub source: SourceKind,
+    /// Seconds before the start that people may join.
+    #[serde(with = "secs")]
+    pub early_join: Duration,
+    /// Seconds after the end that people may still join; then the room closes.
+    #[serde(with = "secs")]
+    pub grace: Duration,
+    /// Seconds before closing that everyone is warned.
+    #[serde(with = "secs")]
+    pub warn_before_close: Duration,
+    /// How long an answer from the home server is reused.
+    #[serde(with = "secs")]
+    pub cache_ttl: Duration,
+    /// Per-request time-out towards the home server.
+    #[serde(with = "secs")]
+    pub timeout: Duration,
+    /// Extra attempts after a failed request, with doubling back-off from 250 ms.
+    pub retries: u32,
+    /// A new join while the home server is unreachable: `use_cache` admits
+    /// from an answer at most `stale_limit` seconds old, `refuse` refuses.
+    /// People already in the meeting always stay.
+    pub when_unreachable: Unreachable,
+    #[serde(with = "secs")]
+    pub stale_limit: Duration,
+    /// Zone for calendar times that carry none ("floating" times), IANA name.
+    pub timezone: String,
+    pub local: LocalScheduleConfig,
+    pub caldav: CaldavConfig,
+    pub http: HttpScheduleConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Local,
+    Caldav,
+    Http,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unreachable {
+    UseCache,
+    Refuse,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalScheduleConfig {
+    /// Defaults to `meetings.json` in the data dir.
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaldavConfig {
+    /// Calendar collection URLs searched for the meeting, in order.
+    pub calendars: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpScheduleConfig {
+    /// URL template with `{room}`, and optionally `{from}` and `{to}`.
+    pub url: Option<String>,
+    /// Header sent with every request, e.g. `Authorization`.
+    pub auth_header: Option<String>,
+    pub auth_value: Option<String>,
+}
+
+/// Call history to the home server (`docs/webhooks.md`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// Where events are POSTed; webhooks are off without it.
+    pub url: Option<String>,
+    /// HMAC-SHA256 key for the `Confer-Signature` header.
+    pub secret: Option<String>,
+    #[serde(with = "secs")]
+    pub timeout: Duration,
+    /// An event not delivered within this many seconds is dropped (and logged).
+    #[serde(with = "secs")]
+    pub give_up_after: Duration,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig {
+            source: SourceKind::Local,
+            early_join: Duration::from_secs(10 * 60),
+            grace: Duration::from_secs(15 * 60),
+            warn_before_close: Duration::from_secs(5 * 60),
+            cache_ttl: Duration::from_secs(120),
+            timeout: Duration::from_secs(3),
+            retries: 2,
+            when_unreachable: Unreachable::UseCache,
+            stale_limit: Duration::from_secs(3600),
+            timezone: "UTC".into(),
+            local: Default::default(),
+            caldav: Default::default(),
+            http: Default::default(),
+        }
+    }
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            url: None,
+            secret: None,
+            timeout: Duration::from_secs(5),
+            give_up_after: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -38,6 +168,8 @@ impl Default for Config {
             data_dir: PathBuf::from("confer-data"),
             auth: AuthConfig::default(),
             sfu: SfuConfig::default(),
+            schedule: ScheduleConfig::default(),
+            webhooks: WebhookConfig::default(),
         }
     }
 }
@@ -62,8 +194,18 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Tables of the file; `CONFER_SFU_UDP_PORT_MIN` is `sfu.udp_port_min`.
-const SECTIONS: &[&str] = &["auth", "sfu"];
+/// Tables of the file, longest first; `CONFER_SFU_UDP_PORT_MIN` is
+/// `sfu.udp_port_min`, `CONFER_SCHEDULE_CALDAV_PASSWORD` is
+/// `schedule.caldav.password`.
+const SECTIONS: &[&str] = &[
+    "schedule.caldav",
+    "schedule.local",
+    "schedule.http",
+    "schedule",
+    "webhooks",
+    "auth",
+    "sfu",
+];
 
 impl Config {
     /// Reads `path` (if any), applies `CONFER_*` variables from `env`, validates.
@@ -95,19 +237,19 @@ impl Config {
             let lower = rest.to_ascii_lowercase();
             let (section, key) = match SECTIONS
                 .iter()
-                .find(|s| lower.starts_with(&format!("{s}_")))
+                .find(|s| lower.starts_with(&format!("{}_", s.replace('.', "_"))))
             {
                 Some(s) => (Some(*s), lower[s.len() + 1..].to_owned()),
                 None => (None, lower),
             };
-            let target = match section {
-                Some(s) => table
-                    .entry(s)
+            let mut target = &mut table;
+            for part in section.into_iter().flat_map(|s| s.split('.')) {
+                target = target
+                    .entry(part)
                     .or_insert_with(|| toml::Value::Table(Default::default()))
                     .as_table_mut()
-                    .ok_or_else(|| invalid(s, "must be a table"))?,
-                None => &mut table,
-            };
+                    .ok_or_else(|| invalid(section.unwrap_or(part), "must be a table"))?;
+            }
             target.insert(key, env_value(&value));
         }
         let cfg: Config =
@@ -143,6 +285,93 @@ impl Config {
             return Err(invalid(
                 "auth.token_public_key_file",
                 format!("{} is not a readable file", p.display()),
+            ));
+        }
+        self.validate_schedule()?;
+        if let Some(url) = &self.webhooks.url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(
+                    "webhooks.url",
+                    "must be an http:// or https:// URL",
+                ));
+            }
+            if self.webhooks.secret.as_ref().is_none_or(|s| s.len() < 16) {
+                return Err(invalid(
+                    "webhooks.secret",
+                    "must be set, at least 16 characters, when webhooks.url is",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_schedule(&self) -> Result<(), ConfigError> {
+        let s = &self.schedule;
+        let day = Duration::from_secs(12 * 3600);
+        if s.early_join > day {
+            return Err(invalid(
+                "schedule.early_join",
+                "must be at most 43200 (12 hours)",
+            ));
+        }
+        if s.grace > day {
+            return Err(invalid(
+                "schedule.grace",
+                "must be at most 43200 (12 hours)",
+            ));
+        }
+        if s.cache_ttl > Duration::from_secs(3600) {
+            return Err(invalid("schedule.cache_ttl", "must be at most 3600"));
+        }
+        if s.timeout.is_zero() || s.timeout > Duration::from_secs(30) {
+            return Err(invalid("schedule.timeout", "must be 1 to 30 seconds"));
+        }
+        if s.retries > 5 {
+            return Err(invalid("schedule.retries", "must be at most 5"));
+        }
+        if s.timezone.parse::<chrono_tz::Tz>().is_err() {
+            return Err(invalid(
+                "schedule.timezone",
+                format!("{:?} is not an IANA time zone name", s.timezone),
+            ));
+        }
+        let url_ok = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+        match s.source {
+            SourceKind::Caldav => {
+                if s.caldav.calendars.is_empty() {
+                    return Err(invalid(
+                        "schedule.caldav.calendars",
+                        "list at least one calendar URL when schedule.source is \"caldav\"",
+                    ));
+                }
+                if let Some(u) = s.caldav.calendars.iter().find(|u| !url_ok(u)) {
+                    return Err(invalid(
+                        "schedule.caldav.calendars",
+                        format!("{u:?} is not an http:// or https:// URL"),
+                    ));
+                }
+            }
+            SourceKind::Http => match &s.http.url {
+                None => {
+                    return Err(invalid(
+                        "schedule.http.url",
+                        "must be set when schedule.source is \"http\"",
+                    ));
+                }
+                Some(u) if !url_ok(u) || !u.contains("{room}") => {
+                    return Err(invalid(
+                        "schedule.http.url",
+                        "must be an http:// or https:// URL containing {room}",
+                    ));
+                }
+                Some(_) => {}
+            },
+            SourceKind::Local | SourceKind::None => {}
+        }
+        if s.http.auth_header.is_some() != s.http.auth_value.is_some() {
+            return Err(invalid(
+                "schedule.http.auth_value",
+                "auth_header and auth_value go together",
             ));
         }
         Ok(())
@@ -210,5 +439,39 @@ mod tests {
         assert!(err(&[("CONFER_AUTH_TOKEN_SECRET", "short")]).starts_with("auth.token_secret:"));
         assert!(err(&[("CONFER_SFU_ICE_IP", "0.0.0.0")]).starts_with("sfu.ice_ip:"));
         assert!(err(&[("CONFER_SFU_COLOUR", "blue")]).contains("colour"));
+        assert!(
+            err(&[("CONFER_SCHEDULE_SOURCE", "caldav")]).starts_with("schedule.caldav.calendars:")
+        );
+        assert!(err(&[("CONFER_SCHEDULE_SOURCE", "outlook")]).starts_with("schedule.source:"));
+        assert!(
+            err(&[("CONFER_SCHEDULE_TIMEZONE", "Mars/Base")]).starts_with("schedule.timezone:")
+        );
+        assert!(
+            err(&[
+                ("CONFER_SCHEDULE_CALDAV_CALENDARS", "[\"ftp://x\"]"),
+                ("CONFER_SCHEDULE_SOURCE", "caldav")
+            ])
+            .starts_with("schedule.caldav.calendars:")
+        );
+        assert!(err(&[("CONFER_WEBHOOKS_URL", "http://h/x")]).starts_with("webhooks.secret:"));
+    }
+
+    #[test]
+    fn nested_sections_from_the_environment() {
+        let cfg = Config::load(
+            None,
+            env(&[
+                ("CONFER_SCHEDULE_SOURCE", "http"),
+                ("CONFER_SCHEDULE_HTTP_URL", "http://127.0.0.1:9/m/{room}"),
+                ("CONFER_SCHEDULE_CACHE_TTL", "5"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.schedule.source, SourceKind::Http);
+        assert_eq!(cfg.schedule.cache_ttl, Duration::from_secs(5));
+        assert_eq!(
+            cfg.schedule.http.url.as_deref(),
+            Some("http://127.0.0.1:9/m/{room}")
+        );
     }
 }

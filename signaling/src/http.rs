@@ -1,7 +1,9 @@
 //! HTTP routes: health, readiness, client config, demo login, admin API, and
 //! the WebSocket upgrade. Documented in `docs/http-api.md`.
 
-use crate::token::{Claims, now_secs, valid_room_id};
+use crate::schedule::Meeting;
+use crate::schedule::local::LocalMeeting;
+use crate::token::{Claims, JoinKind, now_secs, valid_room_id};
 use crate::{AppState, session, web};
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
@@ -28,6 +30,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ws", get(ws))
         .route("/api/config", get(client_config))
         .route("/api/demo/token", post(demo_token))
+        .route("/api/demo/meetings", post(demo_meeting))
         .route("/api/admin/rooms", get(admin_rooms))
         .route(
             "/api/admin/rooms/{room}",
@@ -56,7 +59,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn client_config(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({ "demo": state.tokens.can_mint() }))
+    Json(json!({
+        "demo": state.tokens.can_mint(),
+        "local_meetings": state.local_meetings.is_some(),
+    }))
 }
 
 fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
@@ -72,6 +78,21 @@ fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
 struct DemoLogin {
     name: String,
     room: String,
+    /// `meeting` (default) or `call`.
+    #[serde(default)]
+    kind: JoinKind,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DemoMeeting {
+    /// The organizer's display name.
+    name: String,
+    #[serde(default)]
+    title: Option<String>,
+    /// Length from now; default 60.
+    #[serde(default)]
+    minutes: Option<u32>,
 }
 
 /// Demo mode only: anyone may pick a name and a room. The first to join a
@@ -80,28 +101,20 @@ async fn demo_token(
     State(state): State<AppState>,
     body: Result<Json<DemoLogin>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if !state.tokens.can_mint() {
-        return api_error(
-            StatusCode::NOT_FOUND,
-            "demo_disabled",
-            "demo login is off because a token secret or key is configured",
-        );
+    if let Some(r) = demo_disabled(&state) {
+        return r;
     }
     let Ok(Json(login)) = body else {
         return api_error(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "expected JSON {\"name\": …, \"room\": …}",
+            "expected JSON {\"name\": …, \"room\": …, \"kind\": \"meeting\" | \"call\"}",
         );
     };
-    let name = login.name.trim();
-    if name.is_empty() || name.chars().count() > 100 {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "bad_name",
-            "name must be 1-100 characters",
-        );
-    }
+    let name = match demo_name(&login.name) {
+        Ok(n) => n,
+        Err(r) => return *r,
+    };
     if !valid_room_id(&login.room) {
         return api_error(
             StatusCode::BAD_REQUEST,
@@ -109,13 +122,128 @@ async fn demo_token(
             "room must be 1-64 characters of A-Z a-z 0-9 _ -",
         );
     }
+    demo_mint(&state, name, login.room, login.kind)
+}
+
+/// Demo mode: schedules a meeting from now in the local schedule, open to
+/// anyone with the link, and returns the organizer's (moderator's) token.
+async fn demo_meeting(
+    State(state): State<AppState>,
+    body: Result<Json<DemoMeeting>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Some(r) = demo_disabled(&state) {
+        return r;
+    }
+    let Some(local) = state.local_meetings.clone() else {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "no_local_schedule",
+            "meetings come from the home server (schedule.source is not \"local\")",
+        );
+    };
+    let Ok(Json(req)) = body else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "expected JSON {\"name\": …, \"title\": …, \"minutes\": …}",
+        );
+    };
+    let name = match demo_name(&req.name) {
+        Ok(n) => n,
+        Err(r) => return *r,
+    };
+    let minutes = req.minutes.unwrap_or(60);
+    if !(1..=24 * 60).contains(&minutes) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_minutes",
+            "minutes must be 1 to 1440",
+        );
+    }
+    let title = req.title.unwrap_or_else(|| format!("{name}'s meeting"));
+    if title.chars().count() > 200 {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_title",
+            "title must be at most 200 characters",
+        );
+    }
+    let room = format!("{:016x}", rand::random::<u64>());
+    let sub = demo_user();
+    let now = chrono::Utc::now();
+    let meeting = LocalMeeting {
+        room: room.clone(),
+        meeting: Meeting {
+            title,
+            start: now,
+            end: now + chrono::Duration::minutes(minutes.into()),
+            status: Default::default(),
+            organizer: Some(sub.clone()),
+            invitees: vec![],
+            open: true,
+        },
+    };
+    if let Err(e) = local.add(meeting).await {
+        return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
+    }
     let claims = Claims {
-        sub: format!("demo-{:016x}", rand::random::<u64>()),
+        sub,
         name: name.to_owned(),
-        room: login.room,
+        room: room.clone(),
+        role: Role::Moderator,
+        exp: now_secs() + DEMO_TOKEN_SECS,
+        email: None,
+        kind: JoinKind::Meeting,
+    };
+    match state.tokens.mint(&claims) {
+        Some(token) => (
+            StatusCode::CREATED,
+            Json(json!({ "room": room, "token": token, "url": format!("/m/{room}") })),
+        )
+            .into_response(),
+        None => api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "token could not be signed",
+        ),
+    }
+}
+
+fn demo_disabled(state: &AppState) -> Option<Response> {
+    (!state.tokens.can_mint()).then(|| {
+        api_error(
+            StatusCode::NOT_FOUND,
+            "demo_disabled",
+            "demo login is off because a token secret or key is configured",
+        )
+    })
+}
+
+fn demo_name(raw: &str) -> Result<&str, Box<Response>> {
+    let name = raw.trim();
+    if name.is_empty() || name.chars().count() > 100 {
+        return Err(Box::new(api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_name",
+            "name must be 1-100 characters",
+        )));
+    }
+    Ok(name)
+}
+
+fn demo_user() -> String {
+    format!("demo-{:016x}", rand::random::<u64>())
+}
+
+fn demo_mint(state: &AppState, name: &str, room: String, kind: JoinKind) -> Response {
+    let claims = Claims {
+        sub: demo_user(),
+        name: name.to_owned(),
+        room,
         role: Role::Participant,
         exp: now_secs() + DEMO_TOKEN_SECS,
         email: None,
+        kind,
     };
     match state.tokens.mint(&claims) {
         Some(token) => Json(json!({ "token": token, "expires_at": claims.exp })).into_response(),
@@ -127,7 +255,6 @@ async fn demo_token(
     }
 }
 
-/// The rejection, if the request lacks the admin secret.
 fn check_admin(state: &AppState, headers: &HeaderMap) -> Option<Response> {
     let Some(secret) = &state.config.auth.admin_secret else {
         return Some(api_error(

@@ -4,6 +4,10 @@
 //! - [`token`]: join tokens (JWT) and demo-mode minting.
 //! - [`protocol`]: the WebSocket messages (`docs/signaling.md`).
 //! - [`session`]: one client's WebSocket, relayed to and from the SFU.
+//! - [`schedule`]: is this meeting on now, and is this person invited
+//!   (local file, CalDAV or HTTP home server, behind a cache).
+//! - [`meeting`]: closing rooms at the end of their scheduled time, and
+//!   room lifecycle as [`webhook`]s to the home server.
 //! - [`http`]: health, the admin API and the demo login (`docs/http-api.md`).
 //! - [`web`]: the browser client, embedded in the binary.
 //!
@@ -11,13 +15,20 @@
 
 pub mod config;
 pub mod http;
+pub mod meeting;
 pub mod protocol;
+pub mod schedule;
 pub mod session;
 pub mod token;
 pub mod web;
+pub mod webhook;
 
 use confer_sfu::Sfu;
+use config::SourceKind;
+use schedule::local::LocalSource;
+use schedule::{Policy, Rules, Schedule};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 pub use config::Config;
@@ -28,6 +39,11 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub sfu: Arc<Sfu>,
     pub tokens: Arc<token::Tokens>,
+    /// `None` when `schedule.source = "none"`: tokens alone admit.
+    pub schedule: Option<Arc<Schedule>>,
+    /// The local schedule, where the demo page creates meetings.
+    pub local_meetings: Option<Arc<LocalSource>>,
+    pub meetings: Arc<meeting::Meetings>,
 }
 
 impl AppState {
@@ -46,12 +62,97 @@ impl AppState {
             token::Tokens::new(config.auth.token_secret.as_deref(), pem.as_deref())
                 .map_err(|e| format!("auth.token_public_key_file: {e}"))?
         };
+        let client = reqwest::Client::builder()
+            .timeout(config.schedule.timeout)
+            .connect_timeout(config.schedule.timeout)
+            .user_agent(concat!("confer/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?;
+        let (schedule, local_meetings) = build_schedule(&config, client.clone());
+        let webhooks = config.webhooks.url.as_ref().map(|url| {
+            let hook_client = reqwest::Client::builder()
+                .timeout(config.webhooks.timeout)
+                .user_agent(concat!("confer/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .expect("a client with a time-out builds");
+            webhook::Webhooks::new(
+                hook_client,
+                url.clone(),
+                config.webhooks.secret.as_deref().unwrap_or_default(),
+                config.webhooks.give_up_after,
+            )
+        });
+        let sfu = Sfu::new(config.sfu.clone());
+        let meetings = meeting::Meetings::new(
+            &sfu,
+            schedule.clone(),
+            webhooks,
+            config.schedule.warn_before_close,
+        );
         Ok(AppState {
-            sfu: Sfu::new(config.sfu.clone()),
+            sfu,
             config: Arc::new(config),
             tokens: Arc::new(tokens),
+            schedule,
+            local_meetings,
+            meetings,
         })
     }
+}
+
+fn build_schedule(
+    config: &Config,
+    client: reqwest::Client,
+) -> (Option<Arc<Schedule>>, Option<Arc<LocalSource>>) {
+    let s = &config.schedule;
+    let floating = s.timezone.parse().unwrap_or(chrono_tz::UTC); // validated
+    let mut local = None;
+    let source: Arc<dyn schedule::Source> = match s.source {
+        SourceKind::None => return (None, None),
+        SourceKind::Local => {
+            let path = s
+                .local
+                .file
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join("meetings.json"));
+            let l = Arc::new(LocalSource::new(path));
+            local = Some(l.clone());
+            l
+        }
+        SourceKind::Caldav => {
+            let credentials = s
+                .caldav
+                .username
+                .clone()
+                .map(|u| (u, s.caldav.password.clone().unwrap_or_default()));
+            Arc::new(schedule::caldav::CaldavSource::new(
+                client,
+                s.caldav.calendars.clone(),
+                credentials,
+                floating,
+            ))
+        }
+        SourceKind::Http => {
+            let auth = s.http.auth_header.clone().zip(s.http.auth_value.clone());
+            Arc::new(schedule::http::HttpSource::new(
+                client,
+                s.http.url.clone().unwrap_or_default(),
+                auth,
+            ))
+        }
+    };
+    let to_chrono = |d: Duration| chrono::Duration::from_std(d).unwrap_or_default();
+    let rules = Rules {
+        early_join: to_chrono(s.early_join),
+        grace: to_chrono(s.grace),
+    };
+    let policy = Policy {
+        ttl: s.cache_ttl,
+        stale_for: (s.when_unreachable == config::Unreachable::UseCache).then_some(s.stale_limit),
+        retries: s.retries,
+        backoff: Duration::from_millis(250),
+    };
+    (Some(Arc::new(Schedule::new(source, rules, policy))), local)
 }
 
 /// Serves until `shutdown` resolves.
@@ -60,6 +161,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    tokio::spawn(state.meetings.clone().follow(state.sfu.observe()));
     axum::serve(listener, http::router(state))
         .with_graceful_shutdown(shutdown)
         .await

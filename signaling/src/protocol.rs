@@ -31,6 +31,17 @@ pub enum ClientMessage {
     },
     Leave {},
     Ping {},
+    /// Moderators only: mute someone's microphone.
+    MuteParticipant {
+        participant_id: String,
+        kind: TrackKind,
+    },
+    /// Moderators only.
+    RemoveParticipant {
+        participant_id: String,
+    },
+    /// Moderators only: close the room for everyone.
+    EndMeeting {},
 }
 
 /// The `type` values a client may send, to tell unknown types from bad fields.
@@ -42,6 +53,9 @@ pub const CLIENT_TYPES: &[&str] = &[
     "mute",
     "leave",
     "ping",
+    "mute_participant",
+    "remove_participant",
+    "end_meeting",
 ];
 
 #[derive(Debug, Serialize)]
@@ -54,6 +68,9 @@ pub enum ServerMessage {
         role: Role,
         participants: Vec<ParticipantSummary>,
         ice_servers: Vec<IceServer>,
+        /// The scheduled meeting admitted to; absent for calls.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        meeting: Option<MeetingInfo>,
     },
     Offer {
         sdp: String,
@@ -91,6 +108,16 @@ pub enum ServerMessage {
     Removed {
         reason: String,
     },
+    /// A moderator muted this participant; the client should mute its microphone.
+    MutedByModerator {
+        by: String,
+        kind: TrackKind,
+    },
+    /// The room closes at `closes_at` (RFC 3339).
+    MeetingEnding {
+        closes_at: String,
+        reason: String,
+    },
     Pong {},
     Error {
         code: ErrorCode,
@@ -114,7 +141,41 @@ pub enum ErrorCode {
     BadCandidate,
     RoomFull,
     RoomClosed,
+    Forbidden,
+    UnknownParticipant,
+    MeetingNotFound,
+    MeetingNotStarted,
+    MeetingEnded,
+    MeetingCancelled,
+    NotInvited,
+    HomeServerUnreachable,
+    HomeServerError,
     Internal,
+}
+
+impl ErrorCode {
+    /// The code for a schedule refusal or failure.
+    pub fn from_schedule(code: &str) -> ErrorCode {
+        match code {
+            "meeting_not_found" => ErrorCode::MeetingNotFound,
+            "meeting_not_started" => ErrorCode::MeetingNotStarted,
+            "meeting_ended" => ErrorCode::MeetingEnded,
+            "meeting_cancelled" => ErrorCode::MeetingCancelled,
+            "not_invited" => ErrorCode::NotInvited,
+            "home_server_unreachable" => ErrorCode::HomeServerUnreachable,
+            _ => ErrorCode::HomeServerError,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MeetingInfo {
+    pub title: String,
+    /// RFC 3339, UTC.
+    pub start: String,
+    pub end: String,
+    /// When the room closes: the end plus the grace period.
+    pub closes_at: String,
 }
 
 impl ServerMessage {

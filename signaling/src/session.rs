@@ -3,9 +3,17 @@
 //! message, never the connection of anyone else.
 
 use crate::AppState;
-use crate::protocol::{CLIENT_TYPES, ClientMessage, ErrorCode, MAX_MESSAGE_BYTES, ServerMessage};
+use crate::meeting::ENDED_BY_MODERATOR;
+use crate::protocol::{
+    CLIENT_TYPES, ClientMessage, ErrorCode, MAX_MESSAGE_BYTES, MeetingInfo, ServerMessage,
+};
+use crate::schedule::Identity;
+use crate::token::JoinKind;
 use axum::extract::ws::{Message, WebSocket};
-use confer_sfu::{Joined, Participant, ParticipantInfo, PeerEvent, RoomEvent, SfuError};
+use chrono::{SecondsFormat, Utc};
+use confer_sfu::{
+    Joined, Participant, ParticipantInfo, PeerEvent, Role, RoomEvent, SfuError, TrackKind,
+};
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,8 +35,8 @@ pub async fn run(socket: WebSocket, state: AppState) {
         loop {
             let msg = tokio::select! {
                 m = out_rx.recv() => match m {
-                    Some(Outgoing::Json(m)) => Message::Text(serde_json::to_string(&m).unwrap_or_default().into()),
-                    Some(Outgoing::Close) | None => {
+                    Some(Some(m)) => Message::Text(serde_json::to_string(&m).unwrap_or_default().into()),
+                    Some(None) | None => {
                         let _ = sink.send(Message::Close(None)).await;
                         return;
                     }
@@ -79,7 +87,7 @@ pub async fn run(socket: WebSocket, state: AppState) {
     if let Some((participant, _)) = session.joined.take() {
         participant.leave(reason).await;
     }
-    let _ = session.out.send(Outgoing::Close);
+    let _ = session.out.send(None);
     let _ = writer.await;
     debug!(reason, "websocket session ended");
 }
@@ -91,9 +99,13 @@ async fn next_event(rx: &mut Option<mpsc::UnboundedReceiver<PeerEvent>>) -> Opti
     }
 }
 
-enum Outgoing {
-    Json(ServerMessage),
-    Close,
+/// `None` closes the socket.
+type Outgoing = Option<ServerMessage>;
+
+enum Moderation {
+    Mute(String, TrackKind),
+    Remove(String),
+    End,
 }
 
 enum Flow {
@@ -110,7 +122,7 @@ struct Session {
 
 impl Session {
     fn send(&self, msg: ServerMessage) {
-        let _ = self.out.send(Outgoing::Json(msg));
+        let _ = self.out.send(Some(msg));
     }
 
     fn error(&self, code: ErrorCode, message: impl Into<String>) -> Flow {
@@ -196,10 +208,38 @@ impl Session {
                 format!("the token is for room {:?}, not {r:?}", claims.room),
             );
         }
+        // Meetings are checked against the home server's schedule, which
+        // also decides the role; calls are admitted by their token alone.
+        let mut role = claims.role;
+        let mut meeting = None;
+        if let (JoinKind::Meeting, Some(schedule)) = (claims.kind, &self.state.schedule) {
+            let who = Identity {
+                user_id: &claims.sub,
+                email: claims.email.as_deref(),
+            };
+            match schedule.admit(&claims.room, who, Utc::now()).await {
+                Ok((admission, how)) => {
+                    debug!(room = %claims.room, user = %claims.sub, ?how, "schedule admits");
+                    role = admission.role;
+                    self.state.meetings.admitted(&claims.room, &admission);
+                    let t = |d: chrono::DateTime<Utc>| d.to_rfc3339_opts(SecondsFormat::Secs, true);
+                    meeting = Some(MeetingInfo {
+                        title: admission.meeting.title.clone(),
+                        start: t(admission.meeting.start),
+                        end: t(admission.meeting.end),
+                        closes_at: t(admission.closes_at),
+                    });
+                }
+                Err(e) => {
+                    info!(room = %claims.room, user = %claims.sub, code = e.code(), "schedule refuses: {e}");
+                    return self.error(ErrorCode::from_schedule(e.code()), e.to_string());
+                }
+            }
+        }
         let info = ParticipantInfo {
             user_id: claims.sub.clone(),
             name: claims.name.clone(),
-            role: claims.role,
+            role,
         };
         let Joined {
             room,
@@ -222,10 +262,22 @@ impl Session {
             participant_id: participant.id.clone(),
             room: room.id.clone(),
             name: claims.name,
-            role: claims.role,
+            role,
             participants: others,
             ice_servers: self.state.config.sfu.ice_servers.clone(),
+            meeting,
         });
+        // Someone joining in the last minutes is told right away.
+        if let Some(closes_at) = self.state.meetings.closes_at(&room.id) {
+            let warn = chrono::Duration::from_std(self.state.config.schedule.warn_before_close)
+                .unwrap_or_default();
+            if Utc::now() >= closes_at - warn {
+                self.send(ServerMessage::MeetingEnding {
+                    closes_at: closes_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+                    reason: "the meeting's scheduled time is over".into(),
+                });
+            }
+        }
         self.joined = Some((participant, room.id.clone()));
         Flow::Joined(events)
     }
@@ -240,6 +292,18 @@ impl Session {
                 Ok(())
             }
             ClientMessage::Leave {} => return Flow::Leave,
+            ClientMessage::MuteParticipant {
+                participant_id,
+                kind,
+            } => {
+                return self
+                    .moderate(p, Moderation::Mute(participant_id, kind))
+                    .await;
+            }
+            ClientMessage::RemoveParticipant { participant_id } => {
+                return self.moderate(p, Moderation::Remove(participant_id)).await;
+            }
+            ClientMessage::EndMeeting {} => return self.moderate(p, Moderation::End).await,
             ClientMessage::Join { .. } | ClientMessage::Ping {} => Ok(()),
         };
         match result {
@@ -250,6 +314,60 @@ impl Session {
         }
     }
 
+    /// Moderator actions. The role was fixed at admission (by the schedule
+    /// for meetings), so a participant's client cannot claim it.
+    async fn moderate(&self, me: &Arc<Participant>, action: Moderation) -> Flow {
+        if me.info.role != Role::Moderator {
+            return self.error(ErrorCode::Forbidden, "only moderators can do that");
+        }
+        let Some((_, room_id)) = &self.joined else {
+            return Flow::Continue;
+        };
+        let Some(room) = self.state.sfu.room(room_id) else {
+            return self.error(ErrorCode::RoomClosed, "the room is closed");
+        };
+        let target = |id: &str| {
+            room.participant(id)
+                .ok_or_else(|| format!("no participant {id:?} in this room"))
+        };
+        match action {
+            Moderation::Mute(id, kind) => {
+                if kind != TrackKind::Audio {
+                    return self.error(
+                        ErrorCode::BadMessage,
+                        "only microphones can be muted by a moderator",
+                    );
+                }
+                match target(&id) {
+                    Ok(t) => {
+                        info!(room = %room.id, by = %me.id, target = %id, "moderator mute");
+                        t.force_mute(&me.id);
+                    }
+                    Err(m) => return self.error(ErrorCode::UnknownParticipant, m),
+                }
+            }
+            Moderation::Remove(id) => {
+                if id == me.id {
+                    return self.error(ErrorCode::BadMessage, "to leave, send \"leave\"");
+                }
+                if let Err(m) = target(&id) {
+                    return self.error(ErrorCode::UnknownParticipant, m);
+                }
+                info!(room = %room.id, by = %me.id, target = %id, "moderator removes participant");
+                room.leave(&id, "removed_by_moderator").await;
+            }
+            Moderation::End => {
+                info!(room = %room.id, by = %me.id, "moderator ends the meeting");
+                let sfu = self.state.sfu.clone();
+                let id = room.id.clone();
+                // Closing removes this session too; let its socket see that
+                // as an ordinary event rather than waiting on itself here.
+                tokio::spawn(async move { sfu.close_room(&id, ENDED_BY_MODERATOR).await });
+            }
+        }
+        Flow::Continue
+    }
+
     /// Passes an SFU event to the client. Returns the reason if the
     /// participant was removed.
     fn relay(&self, evt: PeerEvent) -> Option<String> {
@@ -258,6 +376,9 @@ impl Session {
             PeerEvent::Answer(sdp) => ServerMessage::Answer { sdp },
             PeerEvent::IceCandidate(candidate) => ServerMessage::Candidate { candidate },
             PeerEvent::Removed { reason } => return Some(reason),
+            PeerEvent::MutedByModerator { by, kind } => {
+                ServerMessage::MutedByModerator { by, kind }
+            }
             PeerEvent::Room(e) => match e {
                 RoomEvent::ParticipantJoined(participant) => {
                     ServerMessage::ParticipantJoined { participant }
@@ -295,6 +416,12 @@ impl Session {
                 RoomEvent::ActiveSpeaker { participant_id } => {
                     ServerMessage::ActiveSpeaker { participant_id }
                 }
+                RoomEvent::Closing { closes_at, reason } => ServerMessage::MeetingEnding {
+                    closes_at: chrono::DateTime::from_timestamp(closes_at as i64, 0)
+                        .unwrap_or_default()
+                        .to_rfc3339_opts(SecondsFormat::Secs, true),
+                    reason,
+                },
             },
         };
         self.send(msg);

@@ -23,6 +23,19 @@ pub struct Claims {
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
+    /// `meeting` (the default): admission is checked against the schedule,
+    /// which also decides the role. `call`: a one-to-one call from a chat
+    /// window; the token alone admits, with the token's role.
+    #[serde(default)]
+    pub kind: JoinKind,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JoinKind {
+    #[default]
+    Meeting,
+    Call,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -150,6 +163,7 @@ mod tests {
             role: Role::Participant,
             exp,
             email: None,
+            kind: JoinKind::Meeting,
         }
     }
 

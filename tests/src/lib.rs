@@ -9,6 +9,7 @@
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use confer_sfu::Role;
+use confer_signaling::token::{Claims, JoinKind};
 use confer_signaling::{AppState, Config};
 use futures_util::{SinkExt, StreamExt};
 use rtc::media_stream::MediaStreamTrack;
@@ -52,10 +53,20 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start() -> anyhow::Result<TestServer> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with a test configuration that `adjust` may change: OS-chosen
+    /// media ports, a fresh data dir, the local schedule.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> anyhow::Result<TestServer> {
         let mut config = Config::load(None, std::iter::empty())?;
         config.sfu.udp_port_min = 0;
         config.sfu.udp_port_max = 0;
         config.sfu.empty_room_grace = Duration::from_secs(1);
+        config.data_dir =
+            std::env::temp_dir().join(format!("confer-test-{:016x}", rand::random::<u64>()));
+        adjust(&mut config);
+        config.validate()?;
         let state = AppState::new(config).map_err(anyhow::Error::msg)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -70,25 +81,40 @@ impl TestServer {
         })
     }
 
-    /// A demo token for `room`.
+    /// A call token for `room`: admitted without a schedule check.
     pub fn token(&self, name: &str, room: &str) -> String {
         self.token_with(name, room, confer_signaling::token::now_secs() + 600)
     }
 
     pub fn token_with(&self, name: &str, room: &str, exp: u64) -> String {
-        self.state
-            .tokens
-            .mint(&confer_signaling::token::Claims {
-                sub: format!("user-{name}"),
-                name: name.to_owned(),
-                room: room.to_owned(),
-                role: Role::Participant,
-                exp,
-                email: None,
-            })
-            .expect("demo mode mints tokens")
+        self.mint(Claims {
+            exp,
+            ..claims(name, room, JoinKind::Call)
+        })
     }
 
+    pub fn mint(&self, claims: Claims) -> String {
+        self.state
+            .tokens
+            .mint(&claims)
+            .expect("demo mode mints tokens")
+    }
+}
+
+/// Claims for user `user-{name}`, role participant, valid ten minutes.
+pub fn claims(name: &str, room: &str, kind: JoinKind) -> Claims {
+    Claims {
+        sub: format!("user-{name}"),
+        name: name.to_owned(),
+        room: room.to_owned(),
+        role: Role::Participant,
+        exp: confer_signaling::token::now_secs() + 600,
+        email: None,
+        kind,
+    }
+}
+
+impl TestServer {
     pub fn ws_url(&self) -> String {
         format!("ws://{}/ws", self.addr)
     }
