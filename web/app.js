@@ -34,6 +34,9 @@ function showBanner(text, kind = 'warn') {
 async function obtainToken() {
   const frag = new URLSearchParams(location.hash.slice(1));
   if (frag.get('token')) return frag.get('token');
+  // Set by the demo page for the person who just scheduled this meeting.
+  const stored = sessionStorage.getItem(`confer.token.${roomId}`);
+  if (stored) return stored;
   const cfg = await fetch('/api/config').then((r) => r.json());
   if (!cfg.demo) {
     if (window.parent === window) throw new Error('This link has no join token. Open the meeting from your groupware server.');
@@ -50,7 +53,7 @@ async function obtainToken() {
   const res = await fetch('/api/demo/token', {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ name, room: roomId }),
+    body: JSON.stringify({ name, room: roomId, kind: mode }),
   });
   const body = await res.json();
   if (!res.ok) throw new Error(body.error ? body.error.message : `demo login failed (${res.status})`);
@@ -134,8 +137,26 @@ function renderPeople() {
   list.replaceChildren();
   for (const [id, t] of tiles) {
     const li = document.createElement('li');
-    li.textContent = id === selfId ? `${t.name} (you)` : t.name;
+    li.dataset.participant = id;
+    const name = document.createElement('span');
+    name.textContent = id === selfId ? `${t.name} (you)` : t.name;
+    li.append(name);
     if (t.el.classList.contains('speaking')) li.className = 'speaking';
+    // Moderator tools; the server checks the role again.
+    if (myRole === 'moderator' && id !== selfId) {
+      const mute = document.createElement('button');
+      mute.className = 'mod-mute';
+      mute.textContent = 'Mute';
+      mute.disabled = t.audioMuted;
+      mute.onclick = () => send({ type: 'mute_participant', participant_id: id, kind: 'audio' });
+      const remove = document.createElement('button');
+      remove.className = 'mod-remove';
+      remove.textContent = 'Remove';
+      remove.onclick = () => {
+        if (confirm(`Remove ${t.name} from the meeting?`)) send({ type: 'remove_participant', participant_id: id });
+      };
+      li.append(mute, remove);
+    }
     list.append(li);
   }
   $('count').textContent = String(tiles.size);
@@ -185,6 +206,7 @@ let retries = 0;
 let makingOffer = false;
 let pendingCandidates = [];
 let everConnected = false;
+let myRole = 'participant';
 
 function send(msg) {
   if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(msg));
@@ -260,6 +282,9 @@ async function handle(msg) {
     case 'joined': {
       if (selfId && selfId !== msg.participant_id) removeTile(selfId); // rejoined after a drop
       selfId = msg.participant_id;
+      myRole = msg.role;
+      $('end-meeting').hidden = myRole !== 'moderator' || mode === 'call';
+      if (msg.meeting && msg.meeting.title) $('room-name').textContent = msg.meeting.title;
       const me = tileFor(selfId, msg.name, true);
       me.stream = localStream;
       me.video.srcObject = localStream;
@@ -301,17 +326,35 @@ async function handle(msg) {
       if (t) {
         if (msg.kind === 'audio') t.audioMuted = msg.muted; else t.videoMuted = msg.muted;
         renderTile(msg.participant_id);
+        renderPeople();
       }
+      break;
+    }
+    case 'muted_by_moderator': {
+      const track = localStream.getAudioTracks()[0];
+      if (track && track.enabled) setMicMuted(true, false);
+      showBanner('A moderator muted your microphone. You can unmute yourself when you need to speak.');
+      break;
+    }
+    case 'meeting_ending': {
+      const at = new Date(msg.closes_at);
+      showBanner(`This meeting's time is over; it closes at ${at.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' })}.`);
       break;
     }
     case 'active_speaker':
       setSpeaker(msg.participant_id);
       break;
-    case 'removed':
+    case 'removed': {
       leaving = true;
-      showBanner(`You were removed from the meeting: ${msg.reason}.`, 'error');
+      const reasons = {
+        meeting_ended: 'The meeting\'s scheduled time is over.',
+        ended_by_moderator: 'A moderator ended the meeting for everyone.',
+        removed_by_moderator: 'A moderator removed you from the meeting.',
+      };
+      showBanner(reasons[msg.reason] || `You were removed from the meeting: ${msg.reason}.`, 'error');
       end();
       break;
+    }
     case 'error':
       handleError(msg);
       break;
@@ -321,17 +364,33 @@ async function handle(msg) {
 }
 
 function handleError(msg) {
-  const fatal = ['token_invalid', 'token_expired', 'wrong_room', 'room_full', 'room_closed'];
+  // Refusals at join: shown, and no reconnecting (it would be refused again).
+  // Schedule refusals carry times and names in the server's message.
   const texts = {
     token_invalid: 'Your invitation link is not valid.',
     token_expired: 'Your invitation link has expired. Open the meeting again from your groupware server.',
     wrong_room: 'Your invitation is for a different meeting.',
     room_full: 'This meeting is full.',
     room_closed: 'This meeting has ended.',
+    meeting_not_found: 'There is no meeting scheduled at this address.',
+    meeting_not_started: null,
+    meeting_ended: null,
+    meeting_cancelled: 'This meeting has been cancelled.',
+    not_invited: 'You are not on this meeting\'s invitation list. Ask the organizer to invite you.',
+    home_server_unreachable: 'The meeting could not be checked because the groupware server cannot be reached right now. Please try again in a minute.',
+    home_server_error: null,
   };
-  if (fatal.includes(msg.code)) {
+  if (msg.code === 'forbidden') {
+    showBanner('Only moderators can do that.');
+  } else if (msg.code === 'meeting_not_started') {
+    const when = msg.message.match(/from (.+)$/);
+    const at = when ? new Date(when[1].replace(' UTC', 'Z').replace(' ', 'T')) : null;
     leaving = true;
-    showBanner(texts[msg.code] || msg.message, 'error');
+    showBanner(at && !isNaN(at) ? `This meeting has not started yet. You can join from ${at.toLocaleString()}.` : msg.message, 'error');
+    end();
+  } else if (msg.code in texts) {
+    leaving = true;
+    showBanner(texts[msg.code] || `Cannot join: ${msg.message}`, 'error');
     end();
   } else {
     console.warn('confer: server error', msg.code, msg.message);
@@ -384,13 +443,10 @@ function end() {
 function wireControls() {
   $('mic').onclick = () => {
     const track = localStream.getAudioTracks()[0];
-    if (!track) return;
-    track.enabled = !track.enabled;
-    $('mic').setAttribute('aria-pressed', String(!track.enabled));
-    $('mic').textContent = track.enabled ? 'Mute' : 'Unmute';
-    send({ type: 'mute', kind: 'audio', muted: !track.enabled });
-    tiles.get(selfId).audioMuted = !track.enabled;
-    renderTile(selfId);
+    if (track) setMicMuted(track.enabled, true);
+  };
+  $('end-meeting').onclick = () => {
+    if (confirm('End the meeting for everyone?')) send({ type: 'end_meeting' });
   };
   $('cam').onclick = () => {
     if (!cameraTrack) return;
@@ -427,6 +483,20 @@ function wireControls() {
   };
 }
 
+// `tell`: false when the server already knows (a moderator muted us).
+function setMicMuted(muted, tell) {
+  const track = localStream.getAudioTracks()[0];
+  if (!track) return;
+  track.enabled = !muted;
+  $('mic').setAttribute('aria-pressed', String(muted));
+  $('mic').textContent = muted ? 'Unmute' : 'Mute';
+  if (tell) send({ type: 'mute', kind: 'audio', muted });
+  if (tiles.has(selfId)) {
+    tiles.get(selfId).audioMuted = muted;
+    renderTile(selfId);
+  }
+}
+
 async function stopSharing(sender) {
   if (!screenTrack) return;
   screenTrack.stop();
@@ -453,6 +523,11 @@ async function main() {
 }
 
 // Diagnostics for the browser console and tests: the live peer connection.
-window.confer = { get pc() { return pc; }, get participantId() { return selfId; } };
+window.confer = {
+  get pc() { return pc; },
+  get participantId() { return selfId; },
+  get role() { return myRole; },
+  get micMuted() { const t = localStream && localStream.getAudioTracks()[0]; return !!t && !t.enabled; },
+};
 
 main();

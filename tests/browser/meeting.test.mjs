@@ -105,14 +105,25 @@ async function assertMediaFlowing(frame, remotes, label) {
   assert.ok(a2 > a1 + 50, `${label}: audio packets rose only ${a1} → ${a2}`);
 }
 
-test('three people meet; one leaves and the others drop the tile', async () => {
+test('three people meet; one leaves and the others drop the tile; the organizer moderates', async () => {
+  // Ana schedules the meeting on the demo page and becomes its moderator.
+  const ana = await openPage('/');
+  await ana.fill('#name', 'Ana');
+  await ana.fill('#title', 'Standup');
+  await ana.click('button[type=submit]');
+  await ana.waitForURL(/\/m\/[0-9a-f]{16}$/);
+  const path = new URL(ana.url()).pathname;
+  const pages = [ana];
+  for (const n of ['Bo', 'Cy']) pages.push(await openPage(`${path}?name=${n}`));
   const names = ['Ana', 'Bo', 'Cy'];
-  const pages = [];
-  for (const n of names) pages.push(await openPage(`/m/standup?name=${n}`));
   for (const [i, p] of pages.entries()) await assertMediaFlowing(p, 2, names[i]);
 
   const labels = await pages[0].locator('.tile.remote .label').allTextContents();
   assert.ok(labels.some((l) => l.startsWith('Bo')) && labels.some((l) => l.startsWith('Cy')), `labels: ${labels}`);
+  assert.equal(await pages[0].locator('#room-name').textContent(), 'Standup');
+  assert.equal(await pages[0].evaluate(() => window.confer.role), 'moderator');
+  assert.equal(await pages[1].evaluate(() => window.confer.role), 'participant');
+  assert.ok(await pages[1].locator('#end-meeting').isHidden(), 'participants have no "End for all"');
 
   await pages[2].click('#leave');
   for (const p of pages.slice(0, 2)) {
@@ -120,7 +131,29 @@ test('three people meet; one leaves and the others drop the tile', async () => {
       (await p.locator('.tile.remote').count()) === 1);
   }
   await assertMediaFlowing(pages[0], 1, 'Ana after Cy left');
+
+  // Ana mutes Bo from the participant list; Bo's microphone goes off.
+  await pages[0].click('#people-toggle');
+  await pages[0].click('#people-list li:not(:first-child) .mod-mute');
+  await waitFor('Bo muted by the moderator', 10000, async () => pages[1].evaluate(() => window.confer.micMuted));
+  assert.match(await pages[1].locator('#banner').textContent(), /moderator muted/);
+  await waitFor('Ana sees Bo muted', 10000, async () =>
+    (await pages[0].locator('.tile.remote .label').textContent()).includes('muted'));
+
+  // Ana ends the meeting for everyone.
+  pages[0].once('dialog', (d) => d.accept());
+  await pages[0].click('#end-meeting');
+  await waitFor('Bo told the meeting ended', 10000, async () =>
+    /ended the meeting/.test(await pages[1].locator('#banner').textContent()));
   for (const p of pages) await p.context().close();
+});
+
+test('a room with no meeting scheduled says so and does not hang', async () => {
+  const page = await openPage('/m/nothing-here?name=Flo');
+  await waitFor('the refusal', 15000, async () =>
+    /no meeting scheduled/.test(await page.locator('#banner').textContent()));
+  assert.equal(await page.locator('#status').textContent(), 'Left the meeting');
+  await page.context().close();
 });
 
 test('the call widget connects a one-to-one call and tells its host page', async () => {
