@@ -212,6 +212,7 @@ impl Session {
         // also decides the role; calls are admitted by their token alone.
         let mut role = claims.role;
         let mut meeting = None;
+        let mut closes_at = None;
         if let (JoinKind::Meeting, Some(schedule)) = (claims.kind, &self.state.schedule) {
             let who = Identity {
                 user_id: &claims.sub,
@@ -221,6 +222,7 @@ impl Session {
                 Ok((admission, how)) => {
                     debug!(room = %claims.room, user = %claims.sub, ?how, "schedule admits");
                     role = admission.role;
+                    closes_at = Some(admission.closes_at);
                     self.state.meetings.admitted(&claims.room, &admission);
                     let t = |d: chrono::DateTime<Utc>| d.to_rfc3339_opts(SecondsFormat::Secs, true);
                     meeting = Some(MeetingInfo {
@@ -257,6 +259,15 @@ impl Session {
                 return self.error(code, e.to_string());
             }
         };
+        // Admitted just before the meeting closed, joined just after: the
+        // room would otherwise live on outside the schedule.
+        if closes_at.is_some_and(|t| Utc::now() >= t) {
+            participant.leave(crate::meeting::ENDED_BY_SCHEDULE).await;
+            return self.error(
+                ErrorCode::MeetingEnded,
+                "the meeting ended while you were joining",
+            );
+        }
         info!(room = %room.id, participant = %participant.id, user = %claims.sub, "admitted");
         self.send(ServerMessage::Joined {
             participant_id: participant.id.clone(),

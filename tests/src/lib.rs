@@ -34,6 +34,8 @@ use webrtc::peer_connection::{
     register_default_interceptors,
 };
 
+pub mod radicale;
+
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -296,8 +298,19 @@ impl Client {
         index: u8,
         publish: bool,
     ) -> anyhow::Result<Client> {
+        Self::join_with(server, name, &server.token(name, room), index, publish).await
+    }
+
+    /// Joins with a given token (a scheduled meeting, a moderator...).
+    pub async fn join_with(
+        server: &TestServer,
+        name: &str,
+        token: &str,
+        index: u8,
+        publish: bool,
+    ) -> anyhow::Result<Client> {
         let mut signal = Signal::connect(&server.ws_url()).await?;
-        signal.send(json!({"type": "join", "token": server.token(name, room)}));
+        signal.send(json!({"type": "join", "token": token}));
         let joined = signal.expect("joined", Duration::from_secs(10)).await?;
         let participant_id = joined["participant_id"]
             .as_str()
@@ -435,6 +448,17 @@ impl Client {
     /// Whether a signaling event matching `pred` has arrived.
     pub fn saw(&self, pred: impl Fn(&Value) -> bool) -> bool {
         self.events.lock().unwrap().iter().any(pred)
+    }
+
+    /// Signaling messages of type `ty` received so far.
+    pub fn events_of(&self, ty: &str) -> Vec<Value> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|v| v["type"] == ty)
+            .cloned()
+            .collect()
     }
 
     pub fn send(&self, v: Value) {
