@@ -14,6 +14,8 @@
 //! [`serve`] runs everything on one listener; `confer serve` calls it.
 
 pub mod config;
+#[cfg(test)]
+mod doc_examples;
 pub mod http;
 pub mod meeting;
 pub mod protocol;

@@ -186,3 +186,78 @@ impl ServerMessage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every client message in docs/signaling.md is one the server accepts,
+    /// and every type documented there is one the code knows.
+    #[test]
+    fn documented_messages_are_the_real_ones() {
+        let doc = crate::doc_examples::read("signaling.md");
+        let (client_part, server_part) = doc.split_once("## Server → client").unwrap();
+        let messages = |part: &str| -> Vec<serde_json::Value> {
+            crate::doc_examples::fenced(part)
+                .into_iter()
+                .filter(|(lang, _)| lang == "json")
+                .flat_map(|(_, body)| {
+                    // One message per line, or one pretty-printed message.
+                    match serde_json::from_str::<serde_json::Value>(&body) {
+                        Ok(v) => vec![v],
+                        Err(_) => body
+                            .lines()
+                            .map(|l| serde_json::from_str(l).unwrap())
+                            .collect(),
+                    }
+                })
+                .filter(|v: &serde_json::Value| v.get("type").is_some())
+                .collect()
+        };
+        let client = messages(client_part.split_once("## Client → server").unwrap().1);
+        assert!(client.len() >= 10, "{client:?}");
+        for m in client {
+            let parsed: Result<ClientMessage, _> = serde_json::from_value(m.clone());
+            assert!(
+                parsed.is_ok(),
+                "documented client message refused: {m}: {parsed:?}"
+            );
+        }
+        let server = messages(server_part.split_once("## Tokens").unwrap().0);
+        let known = [
+            "joined",
+            "offer",
+            "answer",
+            "candidate",
+            "participant_joined",
+            "participant_left",
+            "track_published",
+            "track_removed",
+            "mute",
+            "active_speaker",
+            "removed",
+            "pong",
+            "error",
+            "muted_by_moderator",
+            "meeting_ending",
+        ];
+        for m in &server {
+            assert!(
+                known.contains(&m["type"].as_str().unwrap()),
+                "undocumented type {m}"
+            );
+        }
+        // And the server's own messages serialise to those shapes.
+        let ours = serde_json::to_value(ServerMessage::MeetingEnding {
+            closes_at: "2026-11-24T10:15:00Z".into(),
+            reason: "the meeting's scheduled time is over".into(),
+        })
+        .unwrap();
+        assert!(
+            server.contains(&ours),
+            "meeting_ending example differs from {ours}"
+        );
+        let code = serde_json::to_value(ErrorCode::HomeServerUnreachable).unwrap();
+        assert!(doc.contains(&format!("`{}`", code.as_str().unwrap())));
+    }
+}

@@ -192,6 +192,54 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_documented_event_has_the_envelope_we_send() {
+        let example: serde_json::Value =
+            serde_json::from_str(&crate::doc_examples::marked("webhooks.md", "webhook-event"))
+                .unwrap();
+        let ours = serde_json::to_value(Event {
+            id: "evt_1".into(),
+            kind: "participant.joined",
+            room: "r".into(),
+            sequence: 1,
+            occurred_at: "2026-11-24T09:02:11.418Z".into(),
+            data: serde_json::json!({}),
+        })
+        .unwrap();
+        let keys = |v: &serde_json::Value| {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&example), keys(&ours));
+    }
+
+    /// The receiver code in docs/webhooks.md accepts our signatures and
+    /// refuses a tampered body.
+    #[test]
+    fn the_documented_python_verifier_agrees() {
+        let doc = crate::doc_examples::read("webhooks.md");
+        let (_, code) = crate::doc_examples::fenced(&doc)
+            .into_iter()
+            .find(|(lang, _)| lang == "python")
+            .expect("a python example");
+        let body = br#"{"type":"meeting.started","room":"r"}"#;
+        let t = Utc::now().timestamp();
+        let header = signature(b"0123456789abcdef", t, body);
+        let script = format!(
+            "{code}\nimport sys\nbody = {body:?}.encode()\n\
+             ok = verify(b'0123456789abcdef', '{header}', body)\n\
+             bad = verify(b'0123456789abcdef', '{header}', body + b' ')\n\
+             sys.exit(0 if ok and not bad else 1)\n",
+            body = std::str::from_utf8(body).unwrap()
+        );
+        let status = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .status()
+            .expect("python3 runs");
+        assert!(status.success(), "the documented verifier disagrees");
+    }
+
+    #[test]
     fn signatures_verify_and_reject_tampering() {
         let key = b"0123456789abcdef";
         let body = br#"{"type":"meeting.started"}"#;

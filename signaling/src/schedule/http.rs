@@ -76,3 +76,17 @@ impl Source for HttpSource {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_answer_parses() {
+        let example = crate::doc_examples::marked("home-server.md", "http-answer");
+        let answer: Answer = serde_json::from_str(&example).unwrap();
+        let m = &answer.meetings[0];
+        assert_eq!(m.title, "Weekly sync");
+        assert!(m.invitees[1].declined && m.invitees[2].moderator);
+    }
+}

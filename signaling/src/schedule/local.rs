@@ -93,6 +93,13 @@ mod tests {
     use super::*;
     use chrono::Duration;
 
+    #[test]
+    fn the_documented_file_parses() {
+        let example = crate::doc_examples::marked("home-server.md", "local-file");
+        let file: MeetingsFile = serde_json::from_str(&example).unwrap();
+        assert_eq!(file.meetings[0].room, "weekly-sync");
+    }
+
     #[tokio::test]
     async fn add_then_find_and_bad_files_name_the_field() {
         let dir = std::env::temp_dir().join(format!("confer-local-{}", rand::random::<u64>()));
