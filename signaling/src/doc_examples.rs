@@ -25,15 +25,18 @@ pub fn marked(doc: &str, name: &str) -> String {
         .1
 }
 
-/// Every fenced block as (language, body).
+/// Every fenced block as (language, body); blocks indented inside a list
+/// item lose that indentation.
 pub fn fenced(text: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut lines = text.lines();
     while let Some(line) = lines.next() {
-        if let Some(lang) = line.strip_prefix("```") {
+        let indent = line.len() - line.trim_start().len();
+        if let Some(lang) = line.trim_start().strip_prefix("```") {
             let body: Vec<&str> = lines
                 .by_ref()
-                .take_while(|l| !l.starts_with("```"))
+                .take_while(|l| !l.trim_start().starts_with("```"))
+                .map(|l| l.get(indent..).unwrap_or(l.trim_start()))
                 .collect();
             out.push((lang.trim().to_owned(), body.join("\n")));
         }

@@ -167,6 +167,33 @@ mod tests {
         }
     }
 
+    /// The minting recipe in docs/home-server.md makes tokens we accept.
+    #[test]
+    fn the_documented_python_minting_recipe_works() {
+        let code = crate::doc_examples::marked("home-server.md", "mint-token");
+        let secret = "0123456789abcdef0123456789abcdef";
+        let script = format!(
+            "{code}\nprint(join_token('{secret}', 'u-17', 'Grace', 'grace@example.com', 'weekly-sync'))\n"
+        );
+        let out = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).unwrap();
+        let claims = Tokens::new(Some(secret), None)
+            .unwrap()
+            .verify(token.trim())
+            .unwrap();
+        assert_eq!(claims.email.as_deref(), Some("grace@example.com"));
+        assert_eq!(claims.kind, JoinKind::Meeting);
+        assert_eq!(claims.room, "weekly-sync");
+    }
+
     #[test]
     fn hs256_round_trip_and_rejections() {
         let secret = "0123456789abcdef0123456789abcdef";

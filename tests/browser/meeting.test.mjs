@@ -16,11 +16,11 @@ let server;
 let base;
 let browser;
 
-async function startConfer() {
+async function startConfer(extraEnv = {}) {
   assert.ok(BIN, 'set TEST_CONFER_BIN to the confer binary');
   const dataDir = mkdtempSync(join(tmpdir(), 'confer-browser-'));
   const proc = spawn(BIN, ['serve', '--listen', '127.0.0.1:0', '--data-dir', dataDir], {
-    env: { ...process.env, CONFER_SFU_UDP_PORT_MIN: '0', CONFER_SFU_UDP_PORT_MAX: '0' },
+    env: { ...process.env, CONFER_SFU_UDP_PORT_MIN: '0', CONFER_SFU_UDP_PORT_MAX: '0', ...extraEnv },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   const url = await new Promise((resolve, reject) => {
@@ -54,11 +54,11 @@ after(async () => {
   if (server) server.kill('SIGTERM');
 });
 
-async function openPage(path) {
+async function openPage(path, origin = base) {
   const ctx = await browser.newContext();
   const page = await ctx.newPage();
   page.on('pageerror', (e) => console.error(`[${path}] page error:`, e.message));
-  await page.goto(base + path);
+  await page.goto(origin + path);
   return page;
 }
 
@@ -154,6 +154,27 @@ test('a room with no meeting scheduled says so and does not hang', async () => {
     /no meeting scheduled/.test(await page.locator('#banner').textContent()));
   assert.equal(await page.locator('#status').textContent(), 'Left the meeting');
   await page.context().close();
+});
+
+test('an unreachable home server gets a clear message within seconds', async () => {
+  // Port 9 on loopback: nothing listens, connections are refused.
+  const other = await startConfer({
+    CONFER_SCHEDULE_SOURCE: 'http',
+    CONFER_SCHEDULE_HTTP_URL: 'http://127.0.0.1:9/meetings/{room}',
+    CONFER_SCHEDULE_TIMEOUT: '1',
+    CONFER_SCHEDULE_RETRIES: '1',
+  });
+  try {
+    const started = Date.now();
+    const page = await openPage('/m/board-7?name=Gus', other.url);
+    await waitFor('the unreachable message', 10000, async () =>
+      /cannot be reached/.test(await page.locator('#banner').textContent()));
+    assert.ok(Date.now() - started < 10000);
+    assert.equal(await page.locator('#status').textContent(), 'Left the meeting');
+    await page.context().close();
+  } finally {
+    other.proc.kill('SIGTERM');
+  }
 });
 
 test('the call widget connects a one-to-one call and tells its host page', async () => {
