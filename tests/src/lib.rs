@@ -309,6 +309,20 @@ impl Client {
         index: u8,
         publish: bool,
     ) -> anyhow::Result<Client> {
+        let video = publish.then_some("video/VP8");
+        Self::join_publishing(server, name, token, index, video).await
+    }
+
+    /// Joins publishing Opus and video in `video_codec` (e.g. `video/H264`),
+    /// or nothing if `None`.
+    pub async fn join_publishing(
+        server: &TestServer,
+        name: &str,
+        token: &str,
+        index: u8,
+        video_codec: Option<&str>,
+    ) -> anyhow::Result<Client> {
+        let publish = video_codec.is_some();
         let mut signal = Signal::connect(&server.ws_url()).await?;
         signal.send(json!({"type": "join", "token": token}));
         let joined = signal.expect("joined", Duration::from_secs(10)).await?;
@@ -356,7 +370,7 @@ impl Client {
                     }
                 } else {
                     rtc::rtp_transceiver::rtp_sender::RTCRtpCodec {
-                        mime_type: "video/VP8".into(),
+                        mime_type: video_codec.unwrap_or("video/VP8").into(),
                         clock_rate: 90000,
                         ..Default::default()
                     }

@@ -124,3 +124,39 @@ async fn five_participants_and_one_vanishes() {
     let room = server.state.sfu.room("five").unwrap();
     assert_eq!(room.participant_count(), 4);
 }
+
+/// H.264 and VP9 are forwarded like VP8 when both sides support them, and
+/// the published track says which codec it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h264_and_vp9_are_forwarded() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    for (room, codec) in [("h264-room", "video/H264"), ("vp9-room", "video/VP9")] {
+        let mut clients = Vec::new();
+        for (i, name) in ["hana", "ivan"].iter().enumerate() {
+            let token = server.token(name, room);
+            let c = Client::join_publishing(&server, name, &token, i as u8 + 1, Some(codec))
+                .await
+                .unwrap();
+            clients.push(c);
+        }
+        wait_for_media(&clients, 50, 30, Duration::from_secs(30)).await;
+        verify_all(&clients);
+        let codecs: Vec<String> = server
+            .state
+            .sfu
+            .room(room)
+            .unwrap()
+            .tracks()
+            .iter()
+            .map(|t| t.info.codec.clone())
+            .collect();
+        assert!(
+            codecs.contains(&codec.to_ascii_lowercase()),
+            "{room}: published codecs {codecs:?}"
+        );
+        for c in clients {
+            c.leave().await;
+        }
+    }
+}

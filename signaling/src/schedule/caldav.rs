@@ -82,6 +82,11 @@ impl Source for CaldavSource {
         let mut out = Vec::new();
         for calendar in &self.calendars {
             for ics in self.query(calendar, from, to).await? {
+                // Other people's events are none of our business: one
+                // malformed event elsewhere must not break this meeting.
+                if !icalendar::parser::unfold(&ics).contains(room) {
+                    continue;
+                }
                 let found = ical::instances(&ics, room, from, to, self.floating)
                     .map_err(|e| SourceError::BadAnswer(format!("{calendar}: {e}")))?;
                 out.extend(found);
