@@ -5,6 +5,7 @@ use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket}
 use rtc::rtcp;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::sansio::Protocol;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -62,7 +63,8 @@ pub fn is_keyframe_request(p: &dyn rtcp::Packet) -> bool {
 }
 
 /// Interceptor that hands receivers' PLI/FIR to the application (the default
-/// chain consumes all inbound RTCP), so the SFU can relay them upstream.
+/// chain consumes all inbound RTCP), so the SFU can relay them upstream; and
+/// publishers' sender reports, which a recording needs for A/V sync.
 #[derive(Default)]
 pub struct KeyframeRequestTap {
     read_queue: VecDeque<TaggedPacket>,
@@ -78,7 +80,9 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestTap {
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
         if let Packet::Rtcp(packets) = &msg.message.packet
-            && packets.iter().any(|p| is_keyframe_request(p.as_ref()))
+            && packets
+                .iter()
+                .any(|p| is_keyframe_request(p.as_ref()) || p.as_any().is::<SenderReport>())
         {
             msg.message.add(Attribute::DeliverToApplication);
         }

@@ -10,6 +10,7 @@
 //! - [`track`]: a published track, its receivers and the forwarding loop.
 //! - [`forward`]: the per-receiver RTP rewrite, as plain data.
 //! - [`keyframe`]: PLI/FIR relay, coalesced and rate-limited.
+//! - [`tap`]: a room's media as it arrives, for the recorder.
 //! - [`config`]: media-plane settings.
 //!
 //! The SFU knows nothing of tokens, schedules or WebSockets: signaling admits
@@ -21,6 +22,7 @@ pub mod forward;
 pub mod keyframe;
 pub mod peer;
 pub mod room;
+pub mod tap;
 pub mod track;
 
 pub use config::{IceServer, SfuConfig};

@@ -3,6 +3,7 @@
 use crate::config::SfuConfig;
 use crate::error::SfuError;
 use crate::peer::{self, Participant, PortPool};
+use crate::tap::{TAP_CAPACITY, TapSender, TapTrack, Tapped};
 use crate::track::{Published, TrackInfo, TrackKind};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -145,6 +146,8 @@ pub struct Room {
     sfu: Weak<Sfu>,
     created_at: SystemTime,
     inner: Mutex<RoomInner>,
+    /// Where a recording taps the room's media, if one is running.
+    tap: Mutex<Option<TapSender>>,
 }
 
 #[derive(Default)]
@@ -228,6 +231,7 @@ impl Sfu {
                     sfu: Arc::downgrade(self),
                     created_at: SystemTime::now(),
                     inner: Mutex::new(RoomInner::default()),
+                    tap: Mutex::new(None),
                 });
                 tokio::spawn(speaker_loop(Arc::downgrade(&room)));
                 info!(room = id, "room created");
@@ -395,6 +399,73 @@ impl Room {
         self.broadcast_except("", event)
     }
 
+    /// Starts tapping the room's media (one tap at a time: a second call
+    /// replaces the first). Current tracks are announced first.
+    pub fn start_tap(&self) -> mpsc::Receiver<Tapped> {
+        let (tx, rx) = mpsc::channel(TAP_CAPACITY);
+        *self.tap.lock().unwrap() = Some(tx.clone());
+        let (tracks, speaker) = {
+            let inner = self.inner.lock().unwrap();
+            let tracks: Vec<_> = inner
+                .tracks
+                .iter()
+                .map(|t| (t.clone(), self.tap_track(t, &inner)))
+                .collect();
+            (tracks, inner.speaker.clone())
+        };
+        for (t, info) in tracks {
+            if let Some(info) = info {
+                let _ = tx.try_send(Tapped::Track(info));
+            }
+            t.tap.store(Some(Arc::new(tx.clone())));
+        }
+        let _ = tx.try_send(Tapped::Speaker {
+            participant_id: speaker,
+        });
+        rx
+    }
+
+    pub fn stop_tap(&self) {
+        *self.tap.lock().unwrap() = None;
+        for t in self.inner.lock().unwrap().tracks.iter() {
+            t.tap.store(None);
+        }
+    }
+
+    fn tap_send(&self, event: Tapped) {
+        if let Some(tx) = self.tap.lock().unwrap().as_ref() {
+            let _ = tx.try_send(event);
+        }
+    }
+
+    fn tap_track(&self, t: &Published, inner: &RoomInner) -> Option<TapTrack> {
+        let p = inner.participants.iter().find(|p| p.id == t.publisher)?;
+        Some(TapTrack {
+            track_id: t.tap_id.clone(),
+            participant_id: p.id.clone(),
+            user_id: p.info.user_id.clone(),
+            name: p.info.name.clone(),
+            kind: t.info.kind,
+            codec: t.info.codec.clone(),
+            clock_rate: t.clock_rate(),
+        })
+    }
+
+    /// Asks the publisher of `track_id` for a keyframe.
+    pub fn request_keyframe(&self, track_id: &str) {
+        let track = self
+            .inner
+            .lock()
+            .unwrap()
+            .tracks
+            .iter()
+            .find(|t| t.info.id == track_id)
+            .cloned();
+        if let Some(t) = track {
+            t.request_keyframe();
+        }
+    }
+
     /// Tells everyone the room will close at `closes_at` (Unix seconds).
     pub fn announce_closing(&self, closes_at: u64, reason: &str) {
         self.broadcast(RoomEvent::Closing {
@@ -420,6 +491,12 @@ impl Room {
                 return;
             }
             inner.tracks.push(track.clone());
+            if let Some(tx) = self.tap.lock().unwrap().as_ref()
+                && let Some(info) = self.tap_track(&track, &inner)
+            {
+                let _ = tx.try_send(Tapped::Track(info));
+                track.tap.store(Some(Arc::new(tx.clone())));
+            }
             inner
                 .participants
                 .iter()
@@ -455,6 +532,10 @@ impl Room {
         if !was_present {
             return;
         }
+        track.tap.store(None);
+        self.tap_send(Tapped::TrackEnded {
+            track_id: track.tap_id.clone(),
+        });
         self.broadcast(RoomEvent::TrackRemoved {
             participant_id: track.publisher.clone(),
             track_id: track.info.id.clone(),
@@ -494,6 +575,10 @@ impl Room {
         }
         let members = self.inner.lock().unwrap().participants.clone();
         for t in &own_tracks {
+            t.tap.store(None);
+            self.tap_send(Tapped::TrackEnded {
+                track_id: t.tap_id.clone(),
+            });
             self.broadcast(RoomEvent::TrackRemoved {
                 participant_id: participant_id.to_owned(),
                 track_id: t.info.id.clone(),
@@ -568,6 +653,9 @@ impl Room {
             }
         };
         if let Some(participant_id) = event {
+            self.tap_send(Tapped::Speaker {
+                participant_id: participant_id.clone(),
+            });
             self.broadcast(RoomEvent::ActiveSpeaker { participant_id });
         }
     }

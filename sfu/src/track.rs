@@ -9,8 +9,10 @@
 use crate::forward::{AUDIO_LEVEL_URI, ExtensionMap, Rewriter, audio_level};
 use crate::keyframe::{Decision, Limiter, is_keyframe_request};
 use crate::peer::Participant;
-use arc_swap::ArcSwap;
+use crate::tap::{TapSender, Tapped};
+use arc_swap::{ArcSwap, ArcSwapOption};
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RtpCodecKind};
 use serde::Serialize;
@@ -70,6 +72,10 @@ pub struct Published {
     pub packets: AtomicU64,
     /// The publisher's moderator-mute flag; audio only (video has none).
     blocked: Option<Arc<AtomicBool>>,
+    /// The room's tap (a recording), if any.
+    pub(crate) tap: ArcSwapOption<TapSender>,
+    /// `info.id`, shared with every tapped packet.
+    pub(crate) tap_id: Arc<str>,
 }
 
 /// One receiver's copy of a published track.
@@ -99,6 +105,8 @@ impl Published {
         let id = format!("{}-{}", publisher.id, remote.track_id().await);
         let blocked = (kind == TrackKind::Audio).then(|| publisher.audio_blocked.clone());
         Some(Arc::new(Published {
+            tap: ArcSwapOption::empty(),
+            tap_id: id.as_str().into(),
             info: TrackInfo {
                 id,
                 kind,
@@ -139,17 +147,48 @@ impl Published {
                     if let Some((level, _voice)) = audio_level(&pkt, level_id) {
                         self.update_loudness(level);
                     }
+                    if let Some(tap) = &*self.tap.load() {
+                        let _ = tap.try_send(Tapped::Rtp {
+                            track_id: self.tap_id.clone(),
+                            at: Instant::now(),
+                            packet: pkt.clone(),
+                        });
+                    }
                     for r in self.receivers.load().iter() {
                         if r.queue.try_send(Feed::Rtp(pkt.clone())).is_err() {
                             trace!(subscriber = %r.subscriber, "receiver queue full, packet dropped");
                         }
                     }
                 }
+                TrackRemoteEvent::OnRtcpPacket(packets) => self.sender_reports(&packets),
                 TrackRemoteEvent::OnEnded => break,
                 _ => {}
             }
         }
         debug!(track = %self.info.id, packets = self.packets.load(Ordering::Relaxed), "published track ended");
+    }
+
+    /// Passes the publisher's sender reports to the tap: they map RTP time
+    /// to the publisher's wallclock, which lines up its audio and video.
+    fn sender_reports(&self, packets: &[Box<dyn rtc::rtcp::Packet>]) {
+        let Some(tap) = &*self.tap.load() else {
+            return;
+        };
+        for p in packets {
+            if let Some(sr) = p.as_any().downcast_ref::<SenderReport>()
+                && sr.ssrc == self.media_ssrc
+            {
+                let _ = tap.try_send(Tapped::SenderReport {
+                    track_id: self.tap_id.clone(),
+                    ntp: sr.ntp_time,
+                    rtp: sr.rtp_time,
+                });
+            }
+        }
+    }
+
+    pub fn clock_rate(&self) -> u32 {
+        self.codec.clock_rate
     }
 
     fn update_loudness(&self, dbov: u8) {
@@ -207,7 +246,8 @@ impl Published {
     }
 
     /// Asks the publisher for a keyframe, coalesced and rate-limited.
-    pub(crate) fn request_keyframe(self: &Arc<Self>) {
+    /// Asks the publisher for a keyframe, coalesced and rate-limited.
+    pub fn request_keyframe(self: &Arc<Self>) {
         if self.info.kind != TrackKind::Video {
             return;
         }

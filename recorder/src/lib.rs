@@ -1,0 +1,13 @@
+//! Records a meeting: every participant's audio mixed into one Opus track,
+//! the active speaker's VP8 video forwarded without re-encoding, written as
+//! WebM segments as it goes and joined into one file at the end.
+//!
+//! - [`jitter`]: per-stream reordering, a bounded wait for retransmissions.
+//! - [`vp8`]: VP8 frames out of RTP, keyframes and their size.
+//! - [`audio`]: Opus decoding, the mixer with its limiter, the encoder.
+//! - [`mux`]: WebM segments through FFmpeg, joined without decoding.
+
+pub mod audio;
+pub mod jitter;
+pub mod mux;
+pub mod vp8;
