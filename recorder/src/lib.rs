@@ -6,8 +6,18 @@
 //! - [`vp8`]: VP8 frames out of RTP, keyframes and their size.
 //! - [`audio`]: Opus decoding, the mixer with its limiter, the encoder.
 //! - [`mux`]: WebM segments through FFmpeg, joined without decoding.
+//! - [`timeline`]: RTP time onto the recording's timeline, lips in sync.
+//! - [`recording`]: one recording, from the SFU's tap to the store.
+//! - [`store`]: the object-store trait, the local directory, manifests,
+//!   listing and the expiry sweep.
 
 pub mod audio;
 pub mod jitter;
 pub mod mux;
+pub mod recording;
+pub mod store;
+pub mod timeline;
 pub mod vp8;
+
+pub use recording::{Running, Settings, recover, start};
+pub use store::{LocalStore, Manifest, Store};

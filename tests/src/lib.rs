@@ -314,13 +314,43 @@ impl Client {
     }
 
     /// Joins publishing Opus and video in `video_codec` (e.g. `video/H264`),
-    /// or nothing if `None`.
+    /// or nothing if `None`. The payloads are synthetic (self-describing).
     pub async fn join_publishing(
         server: &TestServer,
         name: &str,
         token: &str,
         index: u8,
         video_codec: Option<&str>,
+    ) -> anyhow::Result<Client> {
+        Self::join_with_media(server, name, token, index, video_codec, Media::Synthetic).await
+    }
+
+    /// Joins publishing real Opus (a tone) and VP8 (given frames).
+    pub async fn join_real(
+        server: &TestServer,
+        name: &str,
+        token: &str,
+        index: u8,
+        media: Arc<RealMedia>,
+    ) -> anyhow::Result<Client> {
+        Self::join_with_media(
+            server,
+            name,
+            token,
+            index,
+            Some("video/VP8"),
+            Media::Real(media),
+        )
+        .await
+    }
+
+    async fn join_with_media(
+        server: &TestServer,
+        name: &str,
+        token: &str,
+        index: u8,
+        video_codec: Option<&str>,
+        media: Media,
     ) -> anyhow::Result<Client> {
         let publish = video_codec.is_some();
         let mut signal = Signal::connect(&server.ws_url()).await?;
@@ -417,6 +447,7 @@ impl Client {
                 sender,
                 ssrc,
                 connected.clone(),
+                media.clone(),
             ));
         }
         Ok(Client {
@@ -544,7 +575,11 @@ async fn send_media(
     sender: Arc<dyn webrtc::rtp_transceiver::RtpSender>,
     ssrc: u32,
     connected: Arc<Mutex<bool>>,
+    media: Media,
 ) {
+    if let Media::Real(real) = media {
+        return send_real_media(kind, local, sender, ssrc, connected, real).await;
+    }
     let (interval, ts_step) = match kind {
         Kind::Audio => (Duration::from_millis(20), 960),
         Kind::Video => (Duration::from_millis(33), 3000),
@@ -587,6 +622,147 @@ async fn send_media(
         counter += 1;
         seq = seq.wrapping_add(1);
         ts = ts.wrapping_add(ts_step);
+    }
+}
+
+/// What a test client publishes.
+#[derive(Clone)]
+pub enum Media {
+    /// Self-describing payloads that receivers check byte by byte.
+    Synthetic,
+    Real(Arc<RealMedia>),
+}
+
+/// Real codec data, for the recorder: an Opus tone and VP8 frames.
+pub struct RealMedia {
+    pub tone_hz: f64,
+    /// VP8 frames at 30 fps, sent in a loop.
+    pub vp8: Arc<Vec<Vec<u8>>>,
+}
+
+/// VP8 frames of a test pattern, `seconds` long at 30 fps with a keyframe
+/// every second, made by the ffmpeg command-line tool.
+pub fn vp8_test_frames(seconds: u32) -> anyhow::Result<Vec<Vec<u8>>> {
+    let path = std::env::temp_dir().join(format!("confer-vp8-{:016x}.ivf", rand::random::<u64>()));
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
+        .arg(format!("testsrc=size=320x240:rate=30:duration={seconds}"))
+        .args([
+            "-c:v",
+            "libvpx",
+            "-g",
+            "30",
+            "-b:v",
+            "300k",
+            "-deadline",
+            "realtime",
+            "-f",
+            "ivf",
+        ])
+        .arg(&path)
+        .status()?;
+    anyhow::ensure!(status.success(), "ffmpeg could not make VP8 test frames");
+    let data = std::fs::read(&path)?;
+    let _ = std::fs::remove_file(&path);
+    // IVF: a 32-byte file header, then per frame a 12-byte header (size, pts) and the frame.
+    let mut frames = Vec::new();
+    let mut at = 32;
+    while at + 12 <= data.len() {
+        let size = u32::from_le_bytes(data[at..at + 4].try_into()?) as usize;
+        at += 12;
+        anyhow::ensure!(at + size <= data.len(), "truncated IVF");
+        frames.push(data[at..at + size].to_vec());
+        at += size;
+    }
+    Ok(frames)
+}
+
+async fn send_real_media(
+    kind: Kind,
+    local: Arc<TrackLocalStaticRTP>,
+    sender: Arc<dyn webrtc::rtp_transceiver::RtpSender>,
+    ssrc: u32,
+    connected: Arc<Mutex<bool>>,
+    real: Arc<RealMedia>,
+) {
+    let interval = match kind {
+        Kind::Audio => Duration::from_millis(20),
+        Kind::Video => Duration::from_micros(33_333),
+    };
+    let mut tick = tokio::time::interval(interval);
+    let mut seq: u16 = rand::random();
+    let mut ts: u32 = rand::random();
+    let mut n: u64 = 0;
+    let mut pt = None;
+    let mut encoder = opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Audio)
+        .expect("opus encoder");
+    let mut out = vec![0u8; 1500];
+    let started = Instant::now();
+    loop {
+        tick.tick().await;
+        if !*connected.lock().unwrap() {
+            if n > 0 || started.elapsed() > Duration::from_secs(60) {
+                return;
+            }
+            continue;
+        }
+        if pt.is_none() {
+            let Ok(params) = sender.get_parameters().await else {
+                return;
+            };
+            pt = params.rtp_parameters.codecs.first().map(|c| c.payload_type);
+        }
+        // (payload, marker) packets of this tick.
+        let packets: Vec<(Vec<u8>, bool)> = match kind {
+            Kind::Audio => {
+                let pcm: Vec<i16> = (0..960)
+                    .map(|i| {
+                        let t = (n * 960 + i) as f64 / 48_000.0;
+                        (6000.0 * (2.0 * std::f64::consts::PI * real.tone_hz * t).sin()) as i16
+                    })
+                    .collect();
+                let len = encoder.encode(&pcm, &mut out).expect("opus encodes");
+                vec![(out[..len].to_vec(), false)]
+            }
+            Kind::Video => {
+                let frame = &real.vp8[(n as usize) % real.vp8.len()];
+                let chunks: Vec<&[u8]> = frame.chunks(1000).collect();
+                let last = chunks.len() - 1;
+                chunks
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        // RFC 7741 descriptor: S=1 on the first packet of the frame.
+                        let mut p = vec![if i == 0 { 0x10 } else { 0x00 }];
+                        p.extend_from_slice(c);
+                        (p, i == last)
+                    })
+                    .collect()
+            }
+        };
+        for (payload, marker) in packets {
+            let pkt = rtp::Packet {
+                header: rtp::header::Header {
+                    version: 2,
+                    marker,
+                    payload_type: pt.unwrap_or(96),
+                    sequence_number: seq,
+                    timestamp: ts,
+                    ssrc,
+                    ..Default::default()
+                },
+                payload: Bytes::from(payload),
+            };
+            if local.write_rtp(pkt).await.is_err() {
+                return;
+            }
+            seq = seq.wrapping_add(1);
+        }
+        n += 1;
+        ts = ts.wrapping_add(match kind {
+            Kind::Audio => 960,
+            Kind::Video => 3000,
+        });
     }
 }
 

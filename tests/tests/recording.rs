@@ -1,0 +1,233 @@
+//! A recording of a real meeting: three participants speaking distinct
+//! tones with VP8 video, one joining halfway; the file is checked with
+//! ffprobe and ffmpeg, and its audio's spectrum says who was heard when.
+
+use confer_recorder::recording::Settings;
+use confer_recorder::store::{self, LocalStore, Store};
+use confer_tests::{Client, Kind, RealMedia, TestServer, init_logging, vp8_test_frames};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("confer-{name}-{:016x}", rand::random::<u64>()))
+}
+
+async fn join(
+    server: &TestServer,
+    name: &str,
+    index: u8,
+    tone_hz: f64,
+    vp8: &Arc<Vec<Vec<u8>>>,
+) -> Client {
+    let media = Arc::new(RealMedia {
+        tone_hz,
+        vp8: vp8.clone(),
+    });
+    Client::join_real(server, name, &server.token(name, "recorded"), index, media)
+        .await
+        .unwrap()
+}
+
+async fn until(what: &str, within: Duration, ok: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// (codec types and names, duration in seconds) from ffprobe.
+fn probe(file: &Path) -> (Vec<String>, f64) {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_type,codec_name:format=duration",
+            "-of",
+            "json",
+        ])
+        .arg(file)
+        .output()
+        .expect("ffprobe runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let streams = v["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{}:{}",
+                s["codec_type"].as_str().unwrap(),
+                s["codec_name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let duration = v["format"]["duration"].as_str().unwrap().parse().unwrap();
+    (streams, duration)
+}
+
+/// Decodes everything; FFmpeg must report no error.
+fn decodes_cleanly(file: &Path) {
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(file)
+        .args(["-f", "null", "-"])
+        .output()
+        .expect("ffmpeg runs");
+    assert!(out.status.success());
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(errors.trim().is_empty(), "decoding errors: {errors}");
+}
+
+fn pcm(file: &Path) -> Vec<i16> {
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(file)
+        .args([
+            "-map", "0:a", "-f", "s16le", "-ac", "1", "-ar", "48000", "-",
+        ])
+        .output()
+        .expect("ffmpeg runs");
+    assert!(out.status.success());
+    out.stdout
+        .chunks_exact(2)
+        .map(|b| i16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
+
+/// Amplitude of the `hz` component in `samples` (Goertzel).
+fn tone(samples: &[i16], hz: f64) -> f64 {
+    let n = samples.len() as f64;
+    let w = 2.0 * std::f64::consts::PI * hz / 48_000.0;
+    let (mut s1, mut s2) = (0.0, 0.0);
+    for x in samples {
+        let s = *x as f64 + 2.0 * w.cos() * s1 - s2;
+        s2 = s1;
+        s1 = s;
+    }
+    let power = s1 * s1 + s2 * s2 - 2.0 * w.cos() * s1 * s2;
+    2.0 * power.sqrt() / n
+}
+
+fn window(samples: &[i16], from_s: f64, to_s: f64) -> &[i16] {
+    let a = ((from_s * 48_000.0) as usize).min(samples.len());
+    let b = ((to_s * 48_000.0) as usize).min(samples.len());
+    &samples[a..b]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_voices_and_the_speakers_video_in_one_file() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    let vp8 = Arc::new(vp8_test_frames(4).unwrap());
+    let a = join(&server, "ann", 1, 440.0, &vp8).await;
+    let b = join(&server, "ben", 2, 660.0, &vp8).await;
+    until(
+        "media between the first two",
+        Duration::from_secs(20),
+        || {
+            a.received(&b.participant_id, Kind::Video).packets.len() > 30
+                && b.received(&a.participant_id, Kind::Audio).packets.len() > 30
+        },
+    )
+    .await;
+
+    let store_dir = tmp("store");
+    let store: Arc<dyn Store> = Arc::new(LocalStore::new(store_dir.clone()));
+    let room = server.state.sfu.room("recorded").unwrap();
+    let settings = Settings {
+        segment: Duration::from_secs(5),
+        spool: tmp("spool"),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let rec = confer_recorder::start(room, "Tones".into(), store.clone(), settings);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let c = join(&server, "cy", 3, 880.0, &vp8).await;
+    let c_joined = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let manifest = rec.stop().await.unwrap();
+    let wall = started.elapsed().as_secs_f64();
+
+    let file = store_dir.join(store::key("recorded", &manifest.id, store::MEDIA));
+    let (streams, duration) = probe(&file);
+    assert_eq!(streams, ["video:vp8", "audio:opus"]);
+    assert!(
+        (duration - wall).abs() < 0.5,
+        "duration {duration:.2} s, recorded for {wall:.2} s"
+    );
+    assert!((manifest.duration_ms as f64 / 1000.0 - duration).abs() < 0.5);
+    assert_eq!(manifest.size, std::fs::metadata(&file).unwrap().len());
+    assert_eq!(manifest.participants.len(), 3);
+    decodes_cleanly(&file);
+
+    // Ann and Ben throughout; Cy from when Cy joined.
+    let audio = pcm(&file);
+    let before = window(&audio, 1.0, c_joined - 1.0);
+    let after = window(&audio, c_joined + 2.0, wall - 1.0);
+    for (hz, expect_before) in [(440.0, true), (660.0, true), (880.0, false)] {
+        let (x, y) = (tone(before, hz), tone(after, hz));
+        assert!(
+            y > 1000.0,
+            "{hz} Hz missing after {c_joined:.1} s: amplitude {y:.0}"
+        );
+        if expect_before {
+            assert!(x > 1000.0, "{hz} Hz missing before: amplitude {x:.0}");
+        } else {
+            assert!(
+                x < 300.0,
+                "{hz} Hz heard before its speaker joined: amplitude {x:.0}"
+            );
+        }
+    }
+    drop(c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorder_that_dies_leaves_a_playable_file_after_recovery() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    let vp8 = Arc::new(vp8_test_frames(2).unwrap());
+    let a = join(&server, "ann", 1, 440.0, &vp8).await;
+    let b = join(&server, "ben", 2, 660.0, &vp8).await;
+    until("media", Duration::from_secs(20), || {
+        b.received(&a.participant_id, Kind::Audio).packets.len() > 30
+    })
+    .await;
+
+    let store_dir = tmp("store");
+    let store: Arc<dyn Store> = Arc::new(LocalStore::new(store_dir.clone()));
+    let spool = tmp("spool");
+    let settings = Settings {
+        segment: Duration::from_secs(3),
+        spool: spool.clone(),
+        ..Default::default()
+    };
+    let room = server.state.sfu.room("recorded").unwrap();
+    let rec = confer_recorder::start(room, "Crash".into(), store.clone(), settings);
+    tokio::time::sleep(Duration::from_millis(7500)).await;
+    // Dies without a word: no trailer, no manifest, no upload.
+    rec.abort();
+    server.state.sfu.room("recorded").unwrap().stop_tap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(store.list(store::PREFIX).await.unwrap().is_empty());
+
+    let recovered =
+        confer_recorder::recover(&spool, store.as_ref(), chrono::Duration::days(30)).await;
+    assert_eq!(recovered.len(), 1);
+    let file = store_dir.join(store::key("recorded", &recovered[0].id, store::MEDIA));
+    let (streams, duration) = probe(&file);
+    assert_eq!(streams, ["video:vp8", "audio:opus"]);
+    // Two completed 3 s segments at least.
+    assert!(duration >= 6.0, "only {duration:.2} s recovered");
+    decodes_cleanly(&file);
+    assert!(tone(window(&pcm(&file), 1.0, 5.0), 660.0) > 1000.0);
+}
