@@ -285,6 +285,10 @@ async function handle(msg) {
       myRole = msg.role;
       $('end-meeting').hidden = myRole !== 'moderator' || mode === 'call';
       if (msg.meeting && msg.meeting.title) $('room-name').textContent = msg.meeting.title;
+      setRecording(Boolean(msg.recording));
+      $('record').hidden = myRole !== 'moderator' || mode === 'call';
+      $('recordings-link').href = `/r/${roomId}#token=${encodeURIComponent(token)}`;
+      $('recordings-link').hidden = mode === 'call';
       const me = tileFor(selfId, msg.name, true);
       me.stream = localStream;
       me.video.srcObject = localStream;
@@ -336,6 +340,12 @@ async function handle(msg) {
       showBanner('A moderator muted your microphone. You can unmute yourself when you need to speak.');
       break;
     }
+    case 'recording':
+      if (msg.state === 'started') { setRecording(true); showBanner('This meeting is now being recorded.'); }
+      if (msg.state === 'stopped') { setRecording(false); showBanner('Recording stopped. It will be in the recordings list shortly.'); }
+      if (msg.state === 'available') showBanner('The recording is ready in the recordings list.');
+      if (msg.state === 'failed') { setRecording(false); showBanner('The recording could not be saved.', 'error'); }
+      break;
     case 'meeting_ending': {
       const at = new Date(msg.closes_at);
       showBanner(`This meeting's time is over; it closes at ${at.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' })}.`);
@@ -445,6 +455,7 @@ function wireControls() {
     const track = localStream.getAudioTracks()[0];
     if (track) setMicMuted(track.enabled, true);
   };
+  $('record').onclick = () => send({ type: recordingOn ? 'stop_recording' : 'start_recording' });
   $('end-meeting').onclick = () => {
     if (confirm('End the meeting for everyone?')) send({ type: 'end_meeting' });
   };
@@ -481,6 +492,14 @@ function wireControls() {
     send({ type: 'leave' });
     end();
   };
+}
+
+let recordingOn = false;
+function setRecording(on) {
+  recordingOn = on;
+  $('rec').hidden = !on;
+  $('record').textContent = on ? 'Stop recording' : 'Record';
+  $('record').setAttribute('aria-pressed', String(on));
 }
 
 // `tell`: false when the server already knows (a moderator muted us).
@@ -527,6 +546,7 @@ window.confer = {
   get pc() { return pc; },
   get participantId() { return selfId; },
   get role() { return myRole; },
+  get recording() { return recordingOn; },
   get micMuted() { const t = localStream && localStream.getAudioTracks()[0]; return !!t && !t.enabled; },
 };
 

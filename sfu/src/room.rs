@@ -78,6 +78,11 @@ pub enum RoomEvent {
         closes_at: u64,
         reason: String,
     },
+    /// A recording of the room `started`, `stopped`, became `available`, or `failed`.
+    Recording {
+        state: &'static str,
+        recording_id: String,
+    },
 }
 
 /// Room lifecycle, for whoever keeps history (signaling's webhooks).
@@ -148,6 +153,8 @@ pub struct Room {
     inner: Mutex<RoomInner>,
     /// Where a recording taps the room's media, if one is running.
     tap: Mutex<Option<TapSender>>,
+    /// The recording in progress, if any (its id), for joiners to be told.
+    recording: Mutex<Option<String>>,
 }
 
 #[derive(Default)]
@@ -232,6 +239,7 @@ impl Sfu {
                     created_at: SystemTime::now(),
                     inner: Mutex::new(RoomInner::default()),
                     tap: Mutex::new(None),
+                    recording: Mutex::new(None),
                 });
                 tokio::spawn(speaker_loop(Arc::downgrade(&room)));
                 info!(room = id, "room created");
@@ -464,6 +472,25 @@ impl Room {
         if let Some(t) = track {
             t.request_keyframe();
         }
+    }
+
+    /// Tells everyone about a recording of this room; `started` and
+    /// `stopped` also set what joiners are told ([`Room::recording`]).
+    pub fn announce_recording(&self, state: &'static str, recording_id: &str) {
+        match state {
+            "started" => *self.recording.lock().unwrap() = Some(recording_id.to_owned()),
+            "stopped" | "failed" => *self.recording.lock().unwrap() = None,
+            _ => {}
+        }
+        self.broadcast(RoomEvent::Recording {
+            state,
+            recording_id: recording_id.to_owned(),
+        });
+    }
+
+    /// The id of the recording in progress.
+    pub fn recording(&self) -> Option<String> {
+        self.recording.lock().unwrap().clone()
     }
 
     /// Tells everyone the room will close at `closes_at` (Unix seconds).

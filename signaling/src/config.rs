@@ -21,6 +21,39 @@ pub struct Config {
     pub sfu: SfuConfig,
     pub schedule: ScheduleConfig,
     pub webhooks: WebhookConfig,
+    pub recording: RecordingConfig,
+}
+
+/// Recordings (`docs/recording.md`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordingConfig {
+    /// Moderators may record meetings.
+    pub enabled: bool,
+    /// Days a recording is kept, then deleted.
+    pub keep_days: u32,
+    /// Seconds per segment: at most this much is lost if the process dies.
+    pub segment_seconds: u32,
+    /// Where finished recordings are kept; defaults to `recordings` in the data dir.
+    pub local_dir: Option<PathBuf>,
+    /// Segments in progress; defaults to `spool` in the data dir.
+    pub spool_dir: Option<PathBuf>,
+    /// Seconds between expiry sweeps.
+    #[serde(with = "secs")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for RecordingConfig {
+    fn default() -> Self {
+        RecordingConfig {
+            enabled: true,
+            keep_days: 30,
+            segment_seconds: 10,
+            local_dir: None,
+            spool_dir: None,
+            sweep_interval: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// Where meeting schedules come from (`docs/home-server.md`).
@@ -170,6 +203,7 @@ impl Default for Config {
             sfu: SfuConfig::default(),
             schedule: ScheduleConfig::default(),
             webhooks: WebhookConfig::default(),
+            recording: RecordingConfig::default(),
         }
     }
 }
@@ -203,6 +237,7 @@ const SECTIONS: &[&str] = &[
     "schedule.http",
     "schedule",
     "webhooks",
+    "recording",
     "auth",
     "sfu",
 ];
@@ -288,6 +323,15 @@ impl Config {
             ));
         }
         self.validate_schedule()?;
+        if !(1..=3650).contains(&self.recording.keep_days) {
+            return Err(invalid("recording.keep_days", "must be 1 to 3650"));
+        }
+        if !(2..=300).contains(&self.recording.segment_seconds) {
+            return Err(invalid("recording.segment_seconds", "must be 2 to 300"));
+        }
+        if self.recording.sweep_interval.is_zero() {
+            return Err(invalid("recording.sweep_interval", "must be at least 1"));
+        }
         if let Some(url) = &self.webhooks.url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(invalid(

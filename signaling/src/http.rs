@@ -31,6 +31,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/config", get(client_config))
         .route("/api/demo/token", post(demo_token))
         .route("/api/demo/meetings", post(demo_meeting))
+        .route("/api/rooms/{room}/recordings", get(list_recordings))
+        .route(
+            "/api/rooms/{room}/recordings/{id}/file",
+            get(recording_file),
+        )
         .route("/api/admin/rooms", get(admin_rooms))
         .route(
             "/api/admin/rooms/{room}",
@@ -251,6 +256,130 @@ fn demo_mint(state: &AppState, name: &str, room: String, kind: JoinKind) -> Resp
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             "token could not be signed",
+        ),
+    }
+}
+
+/// Who may see a room's recordings: the holder of a valid join token for
+/// that room (the home server issues those only to people allowed in).
+fn check_room_token(state: &AppState, headers: &HeaderMap, room: &str) -> Option<Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(token) = token else {
+        return Some(api_error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send a join token for this room as Authorization: Bearer <token>",
+        ));
+    };
+    match state.tokens.verify(token) {
+        Ok(c) if c.room == room => None,
+        Ok(_) => Some(api_error(
+            StatusCode::FORBIDDEN,
+            "wrong_room",
+            "the token is for another room",
+        )),
+        Err(e) => Some(api_error(StatusCode::UNAUTHORIZED, e.code(), e.to_string())),
+    }
+}
+
+async fn list_recordings(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+) -> Response {
+    if let Some(r) = check_room_token(&state, &headers, &room) {
+        return r;
+    }
+    match state.recordings.list(&room).await {
+        Ok(list) => {
+            let items: Vec<_> = list
+                .into_iter()
+                .map(|m| {
+                    json!({
+                        "id": m.id,
+                        "title": m.title,
+                        "started_at": m.started_at,
+                        "ended_at": m.ended_at,
+                        "duration_ms": m.duration_ms,
+                        "size": m.size,
+                        "expires_at": m.expires_at,
+                        "participants": m.participants,
+                        "content_type": m.content_type,
+                        "download_url": state.recordings.link(&room, &m.id),
+                    })
+                })
+                .collect();
+            Json(json!({
+                "recording": state.recordings.is_recording(&room),
+                "recordings": items,
+            }))
+            .into_response()
+        }
+        Err(e) => api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct Link {
+    expires: i64,
+    sig: String,
+}
+
+/// A recording's bytes, through a link from the list (signed, minutes
+/// long), with HTTP Range support so players can seek.
+async fn recording_file(
+    State(state): State<AppState>,
+    Path((room, id)): Path<(String, String)>,
+    link: Result<axum::extract::Query<Link>, axum::extract::rejection::QueryRejection>,
+    request: axum::extract::Request,
+) -> Response {
+    let Ok(axum::extract::Query(link)) = link else {
+        return api_error(StatusCode::FORBIDDEN, "bad_link", "the link is incomplete");
+    };
+    if !state
+        .recordings
+        .link_valid(&room, &id, link.expires, &link.sig)
+    {
+        return api_error(
+            StatusCode::FORBIDDEN,
+            "bad_link",
+            "the link has expired or is not valid; reload the recordings list",
+        );
+    }
+    match state.recordings.download(&room, &id).await {
+        Ok(Some((_, confer_recorder::store::Download::File(path)))) => {
+            let mime: mime::Mime = "video/webm".parse().expect("valid");
+            match tower_http::services::ServeFile::new_with_mime(path, &mime)
+                .try_call(request)
+                .await
+            {
+                Ok(r) => r.map(axum::body::Body::new),
+                Err(e) => api_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    e.to_string(),
+                ),
+            }
+        }
+        Ok(Some((_, confer_recorder::store::Download::Url(url)))) => {
+            (StatusCode::FOUND, [(header::LOCATION, url)]).into_response()
+        }
+        Ok(None) => api_error(
+            StatusCode::NOT_FOUND,
+            "no_such_recording",
+            "no such recording (it may have expired)",
+        ),
+        Err(e) => api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_unavailable",
+            e.to_string(),
         ),
     }
 }

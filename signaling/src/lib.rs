@@ -8,6 +8,8 @@
 //!   (local file, CalDAV or HTTP home server, behind a cache).
 //! - [`meeting`]: closing rooms at the end of their scheduled time, and
 //!   room lifecycle as [`webhook`]s to the home server.
+//! - [`recordings`]: starting and stopping recordings, listing and
+//!   download links.
 //! - [`http`]: health, the admin API and the demo login (`docs/http-api.md`).
 //! - [`web`]: the browser client, embedded in the binary.
 //!
@@ -19,6 +21,7 @@ mod doc_examples;
 pub mod http;
 pub mod meeting;
 pub mod protocol;
+pub mod recordings;
 pub mod schedule;
 pub mod session;
 pub mod token;
@@ -46,6 +49,7 @@ pub struct AppState {
     /// The local schedule, where the demo page creates meetings.
     pub local_meetings: Option<Arc<LocalSource>>,
     pub meetings: Arc<meeting::Meetings>,
+    pub recordings: Arc<recordings::Recordings>,
 }
 
 impl AppState {
@@ -85,6 +89,7 @@ impl AppState {
             )
         });
         let sfu = Sfu::new(config.sfu.clone());
+        let recordings = recordings::Recordings::new(&config, sfu.clone(), webhooks.clone());
         let meetings = meeting::Meetings::new(
             &sfu,
             schedule.clone(),
@@ -98,6 +103,7 @@ impl AppState {
             schedule,
             local_meetings,
             meetings,
+            recordings,
         })
     }
 }
@@ -163,7 +169,18 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    tokio::spawn(state.meetings.clone().follow(state.sfu.observe()));
+    tokio::spawn(
+        state
+            .meetings
+            .clone()
+            .follow(state.sfu.observe(), state.recordings.clone()),
+    );
+    tokio::spawn(
+        state
+            .recordings
+            .clone()
+            .maintain(state.config.recording.sweep_interval),
+    );
     axum::serve(listener, http::router(state))
         .with_graceful_shutdown(shutdown)
         .await

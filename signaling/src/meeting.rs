@@ -95,6 +95,7 @@ impl Meetings {
     pub async fn follow(
         self: Arc<Self>,
         mut events: tokio::sync::mpsc::UnboundedReceiver<Lifecycle>,
+        recordings: Arc<crate::recordings::Recordings>,
     ) {
         while let Some(e) = events.recv().await {
             let (room, kind, data) = match e {
@@ -134,6 +135,8 @@ impl Meetings {
                 }
                 Lifecycle::RoomClosed { room, reason } => {
                     self.forget(&room);
+                    // A recording ends with its room; it is stored in the background.
+                    let _ = recordings.stop(&room, "the meeting ended");
                     (room, "meeting.ended", json!({ "reason": reason }))
                 }
             };

@@ -42,6 +42,9 @@ pub enum ClientMessage {
     },
     /// Moderators only: close the room for everyone.
     EndMeeting {},
+    /// Moderators only.
+    StartRecording {},
+    StopRecording {},
 }
 
 /// The `type` values a client may send, to tell unknown types from bad fields.
@@ -56,6 +59,8 @@ pub const CLIENT_TYPES: &[&str] = &[
     "mute_participant",
     "remove_participant",
     "end_meeting",
+    "start_recording",
+    "stop_recording",
 ];
 
 #[derive(Debug, Serialize)]
@@ -71,6 +76,9 @@ pub enum ServerMessage {
         /// The scheduled meeting admitted to; absent for calls.
         #[serde(skip_serializing_if = "Option::is_none")]
         meeting: Option<MeetingInfo>,
+        /// The id of the recording in progress, if the room is being recorded.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recording: Option<String>,
     },
     Offer {
         sdp: String,
@@ -113,6 +121,12 @@ pub enum ServerMessage {
         by: String,
         kind: TrackKind,
     },
+    /// A recording of the room `started`, `stopped`, became `available`
+    /// (listed and downloadable), or `failed`.
+    Recording {
+        state: String,
+        recording_id: String,
+    },
     /// The room closes at `closes_at` (RFC 3339).
     MeetingEnding {
         closes_at: String,
@@ -143,6 +157,9 @@ pub enum ErrorCode {
     RoomClosed,
     Forbidden,
     UnknownParticipant,
+    RecordingDisabled,
+    AlreadyRecording,
+    NotRecording,
     MeetingNotFound,
     MeetingNotStarted,
     MeetingEnded,
@@ -240,6 +257,7 @@ mod tests {
             "error",
             "muted_by_moderator",
             "meeting_ending",
+            "recording",
         ];
         for m in &server {
             assert!(

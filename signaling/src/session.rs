@@ -53,6 +53,7 @@ pub async fn run(socket: WebSocket, state: AppState) {
         state,
         out: out_tx,
         joined: None,
+        meeting_title: None,
     };
     let mut events: Option<mpsc::UnboundedReceiver<PeerEvent>> = None;
     let reason = loop {
@@ -106,6 +107,7 @@ enum Moderation {
     Mute(String, TrackKind),
     Remove(String),
     End,
+    Record(bool),
 }
 
 enum Flow {
@@ -118,6 +120,8 @@ struct Session {
     state: AppState,
     out: mpsc::UnboundedSender<Outgoing>,
     joined: Option<(Arc<Participant>, String)>,
+    /// The scheduled meeting's title, to name recordings after.
+    meeting_title: Option<String>,
 }
 
 impl Session {
@@ -223,6 +227,7 @@ impl Session {
                     debug!(room = %claims.room, user = %claims.sub, ?how, "schedule admits");
                     role = admission.role;
                     closes_at = Some(admission.closes_at);
+                    self.meeting_title = Some(admission.meeting.title.clone());
                     self.state.meetings.admitted(&claims.room, &admission);
                     let t = |d: chrono::DateTime<Utc>| d.to_rfc3339_opts(SecondsFormat::Secs, true);
                     meeting = Some(MeetingInfo {
@@ -277,6 +282,7 @@ impl Session {
             participants: others,
             ice_servers: self.state.config.sfu.ice_servers.clone(),
             meeting,
+            recording: room.recording(),
         });
         // Someone joining in the last minutes is told right away.
         if let Some(closes_at) = self.state.meetings.closes_at(&room.id) {
@@ -315,6 +321,12 @@ impl Session {
                 return self.moderate(p, Moderation::Remove(participant_id)).await;
             }
             ClientMessage::EndMeeting {} => return self.moderate(p, Moderation::End).await,
+            ClientMessage::StartRecording {} => {
+                return self.moderate(p, Moderation::Record(true)).await;
+            }
+            ClientMessage::StopRecording {} => {
+                return self.moderate(p, Moderation::Record(false)).await;
+            }
             ClientMessage::Join { .. } | ClientMessage::Ping {} => Ok(()),
         };
         match result {
@@ -366,6 +378,31 @@ impl Session {
                 }
                 info!(room = %room.id, by = %me.id, target = %id, "moderator removes participant");
                 room.leave(&id, "removed_by_moderator").await;
+            }
+            Moderation::Record(on) => {
+                use crate::recordings::RecordingError as E;
+                let title = self
+                    .meeting_title
+                    .clone()
+                    .unwrap_or_else(|| room.id.clone());
+                let result = if on {
+                    self.state
+                        .recordings
+                        .start(&room.id, &title, &me.info.user_id)
+                } else {
+                    self.state
+                        .recordings
+                        .stop(&room.id, "stopped by a moderator")
+                };
+                if let Err(e) = result {
+                    let code = match e {
+                        E::Disabled => ErrorCode::RecordingDisabled,
+                        E::AlreadyRecording => ErrorCode::AlreadyRecording,
+                        E::NotRecording => ErrorCode::NotRecording,
+                        E::NoRoom => ErrorCode::RoomClosed,
+                    };
+                    return self.error(code, e.to_string());
+                }
             }
             Moderation::End => {
                 info!(room = %room.id, by = %me.id, "moderator ends the meeting");
@@ -427,6 +464,13 @@ impl Session {
                 RoomEvent::ActiveSpeaker { participant_id } => {
                     ServerMessage::ActiveSpeaker { participant_id }
                 }
+                RoomEvent::Recording {
+                    state,
+                    recording_id,
+                } => ServerMessage::Recording {
+                    state: state.to_owned(),
+                    recording_id,
+                },
                 RoomEvent::Closing { closes_at, reason } => ServerMessage::MeetingEnding {
                     closes_at: chrono::DateTime::from_timestamp(closes_at as i64, 0)
                         .unwrap_or_default()

@@ -10,6 +10,7 @@ const INDEX: &str = include_str!("../../web/index.html");
 const MEETING: &str = include_str!("../../web/meeting.html");
 const APP_JS: &str = include_str!("../../web/app.js");
 const STYLE: &str = include_str!("../../web/style.css");
+const RECORDINGS: &str = include_str!("../../web/recordings.html");
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -17,6 +18,7 @@ pub fn routes() -> Router<AppState> {
         // One page for both layouts: the script reads the path.
         .route("/m/{room}", get(|| async { Html(MEETING) }))
         .route("/call/{room}", get(|| async { Html(MEETING) }))
+        .route("/r/{room}", get(|| async { Html(RECORDINGS) }))
         .route(
             "/app.js",
             get(|| async {

@@ -148,6 +148,39 @@ test('three people meet; one leaves and the others drop the tile; the organizer 
   for (const p of pages) await p.context().close();
 });
 
+test('the moderator records; the recordings list shows it and it plays to the end', async () => {
+  const ana = await openPage('/');
+  await ana.fill('#name', 'Ana');
+  await ana.fill('#title', 'Recorded review');
+  await ana.click('button[type=submit]');
+  await ana.waitForURL(/\/m\/[0-9a-f]{16}$/);
+  const path = new URL(ana.url()).pathname;
+  const bo = await openPage(`${path}?name=Bo`);
+  await assertMediaFlowing(ana, 1, 'Ana');
+  assert.ok(await bo.locator('#record').isHidden(), 'participants cannot record');
+
+  await ana.click('#record');
+  for (const p of [ana, bo]) await waitFor('the REC indicator', 10000, async () => p.locator('#rec').isVisible());
+  await new Promise((r) => setTimeout(r, 6000));
+  await ana.click('#record');
+  await waitFor('the recording to be ready', 30000, async () =>
+    /recording is ready/.test(await ana.locator('#banner').textContent()));
+  assert.ok(await bo.locator('#rec').isHidden());
+
+  const href = await ana.locator('#recordings-link').getAttribute('href');
+  const list = await openPage(href);
+  await waitFor('one recording listed', 10000, async () => (await list.locator('#list tr').count()) === 1);
+  const row = await list.locator('#list tr td').allTextContents();
+  assert.equal(row[0], 'Recorded review');
+  await list.click('#list .play');
+  await list.evaluate(() => { document.getElementById('player').playbackRate = 4; });
+  await waitFor('the recording to play to its end', 30000, async () =>
+    list.evaluate(() => { const v = document.getElementById('player'); return v.ended && v.duration > 4; }));
+  const frames = await list.evaluate(() => document.getElementById('player').getVideoPlaybackQuality().totalVideoFrames);
+  assert.ok(frames > 10, `only ${frames} frames decoded`);
+  for (const p of [ana, bo, list]) await p.context().close();
+});
+
 test('a room with no meeting scheduled says so and does not hang', async () => {
   const page = await openPage('/m/nothing-here?name=Flo');
   await waitFor('the refusal', 15000, async () =>

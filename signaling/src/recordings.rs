@@ -1,0 +1,247 @@
+//! Recording meetings: started and stopped by moderators, one at a time
+//! per room, stopped when the room closes; finished recordings listed and
+//! downloaded through links Confer signs for a few minutes.
+
+use crate::webhook::Webhooks;
+use chrono::Utc;
+use confer_recorder::recording::Settings;
+use confer_recorder::store::{self, Download, Manifest, Store};
+use confer_recorder::{LocalStore, Running};
+use confer_sfu::Sfu;
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::json;
+use sha2::Sha256;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// How long a download link works.
+pub const LINK_SECS: i64 = 10 * 60;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RecordingError {
+    #[error("recording is turned off on this server")]
+    Disabled,
+    #[error("this meeting is already being recorded")]
+    AlreadyRecording,
+    #[error("this meeting is not being recorded")]
+    NotRecording,
+    #[error("no such room")]
+    NoRoom,
+}
+
+pub struct Recordings {
+    pub store: Arc<dyn Store>,
+    settings: Settings,
+    enabled: bool,
+    sfu: Arc<Sfu>,
+    webhooks: Option<Arc<Webhooks>>,
+    running: Mutex<HashMap<String, Running>>,
+    /// Signs download links.
+    link_key: Vec<u8>,
+}
+
+impl Recordings {
+    pub fn new(
+        config: &crate::Config,
+        sfu: Arc<Sfu>,
+        webhooks: Option<Arc<Webhooks>>,
+    ) -> Arc<Recordings> {
+        let r = &config.recording;
+        let local_dir = r
+            .local_dir
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("recordings"));
+        let settings = Settings {
+            segment: Duration::from_secs(r.segment_seconds.into()),
+            keep: chrono::Duration::days(r.keep_days.into()),
+            spool: r
+                .spool_dir
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join("spool")),
+            ..Settings::default()
+        };
+        // Links must verify on every node of a cluster: derive the key from
+        // the shared token secret when there is one.
+        let link_key = match &config.auth.token_secret {
+            Some(s) => {
+                let mut mac = Hmac::<Sha256>::new_from_slice(s.as_bytes()).expect("any key");
+                mac.update(b"confer recording links");
+                mac.finalize().into_bytes().to_vec()
+            }
+            None => rand::random::<[u8; 32]>().to_vec(),
+        };
+        Arc::new(Recordings {
+            store: Arc::new(LocalStore::new(local_dir)),
+            settings,
+            enabled: r.enabled,
+            sfu,
+            webhooks,
+            running: Mutex::new(HashMap::new()),
+            link_key,
+        })
+    }
+
+    /// Finishes recordings an earlier process left, then sweeps expired
+    /// ones every `interval`. Runs for the life of the process.
+    pub async fn maintain(self: Arc<Self>, interval: Duration) {
+        for m in confer_recorder::recover(
+            &self.settings.spool,
+            self.store.as_ref(),
+            self.settings.keep,
+        )
+        .await
+        {
+            self.available(&m);
+        }
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tick.tick().await;
+            match store::sweep(self.store.as_ref(), Utc::now()).await {
+                Ok(0) => {}
+                Ok(n) => info!(deleted = n, "expired recordings deleted"),
+                Err(e) => warn!(error = %e, "expiry sweep failed; next time"),
+            }
+        }
+    }
+
+    pub fn is_recording(&self, room: &str) -> bool {
+        self.running.lock().unwrap().contains_key(room)
+    }
+
+    pub fn start(&self, room_id: &str, title: &str, by: &str) -> Result<String, RecordingError> {
+        if !self.enabled {
+            return Err(RecordingError::Disabled);
+        }
+        let room = self.sfu.room(room_id).ok_or(RecordingError::NoRoom)?;
+        let mut running = self.running.lock().unwrap();
+        if running.contains_key(room_id) {
+            return Err(RecordingError::AlreadyRecording);
+        }
+        let r = confer_recorder::start(
+            room.clone(),
+            title.to_owned(),
+            self.store.clone(),
+            self.settings.clone(),
+        );
+        let id = r.id.clone();
+        running.insert(room_id.to_owned(), r);
+        drop(running);
+        info!(room = room_id, recording = %id, by, "recording started");
+        room.announce_recording("started", &id);
+        self.hook(
+            room_id,
+            "recording.started",
+            json!({ "recording_id": id, "by": by }),
+        );
+        Ok(id)
+    }
+
+    /// Stops the room's recording; the file is stored in the background and
+    /// announced (`available`) when it is.
+    pub fn stop(self: &Arc<Self>, room_id: &str, reason: &str) -> Result<String, RecordingError> {
+        let r = self
+            .running
+            .lock()
+            .unwrap()
+            .remove(room_id)
+            .ok_or(RecordingError::NotRecording)?;
+        let id = r.id.clone();
+        info!(room = room_id, recording = %id, reason, "recording stopped");
+        if let Some(room) = self.sfu.room(room_id) {
+            room.announce_recording("stopped", &id);
+        }
+        self.hook(
+            room_id,
+            "recording.stopped",
+            json!({ "recording_id": id, "reason": reason }),
+        );
+        let me = self.clone();
+        let room_id = room_id.to_owned();
+        tokio::spawn(async move {
+            match r.stop().await {
+                Ok(m) => me.available(&m),
+                Err(e) => {
+                    warn!(room = %room_id, error = %e, "recording could not be stored");
+                    if let Some(room) = me.sfu.room(&room_id) {
+                        room.announce_recording("failed", &e.to_string());
+                    }
+                }
+            }
+        });
+        Ok(id)
+    }
+
+    fn available(&self, m: &Manifest) {
+        if let Some(room) = self.sfu.room(&m.room) {
+            room.announce_recording("available", &m.id);
+        }
+        self.hook(
+            &m.room,
+            "recording.available",
+            json!({
+                "recording_id": m.id,
+                "title": m.title,
+                "started_at": m.started_at,
+                "duration_ms": m.duration_ms,
+                "size": m.size,
+                "expires_at": m.expires_at,
+            }),
+        );
+    }
+
+    fn hook(&self, room: &str, kind: &'static str, data: serde_json::Value) {
+        if let Some(w) = &self.webhooks {
+            w.send(room, kind, data);
+        }
+    }
+
+    fn link_sig(&self, room: &str, id: &str, expires: i64) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.link_key).expect("any key");
+        mac.update(format!("{room}/{id}/{expires}").as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// A download link for a recording, valid [`LINK_SECS`].
+    pub fn link(&self, room: &str, id: &str) -> String {
+        let expires = Utc::now().timestamp() + LINK_SECS;
+        format!(
+            "/api/rooms/{room}/recordings/{id}/file?expires={expires}&sig={}",
+            self.link_sig(room, id, expires)
+        )
+    }
+
+    pub fn link_valid(&self, room: &str, id: &str, expires: i64, sig: &str) -> bool {
+        if expires < Utc::now().timestamp() {
+            return false;
+        }
+        let Ok(given) = hex::decode(sig) else {
+            return false;
+        };
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.link_key).expect("any key");
+        mac.update(format!("{room}/{id}/{expires}").as_bytes());
+        mac.verify_slice(&given).is_ok()
+    }
+
+    pub async fn list(&self, room: &str) -> Result<Vec<Manifest>, store::StoreError> {
+        store::list_recordings(self.store.as_ref(), room, Utc::now()).await
+    }
+
+    /// Where the bytes of a listed, unexpired recording are.
+    pub async fn download(
+        &self,
+        room: &str,
+        id: &str,
+    ) -> Result<Option<(Manifest, Download)>, store::StoreError> {
+        let Some(m) = self.list(room).await?.into_iter().find(|m| m.id == id) else {
+            return Ok(None);
+        };
+        let filename = format!("{}-{}.webm", room, m.started_at.format("%Y%m%d-%H%M"));
+        let d = self
+            .store
+            .download(&store::key(room, id, store::MEDIA), &filename)
+            .await?;
+        Ok(Some((m, d)))
+    }
+}
