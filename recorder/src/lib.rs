@@ -9,12 +9,13 @@
 //! - [`timeline`]: RTP time onto the recording's timeline, lips in sync.
 //! - [`recording`]: one recording, from the SFU's tap to the store.
 //! - [`store`]: the object-store trait, the local directory, manifests,
-//!   listing and the expiry sweep.
+//!   listing and the expiry sweep; [`s3`]: the same on S3.
 
 pub mod audio;
 pub mod jitter;
 pub mod mux;
 pub mod recording;
+pub mod s3;
 pub mod store;
 pub mod timeline;
 pub mod vp8;

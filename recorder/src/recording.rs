@@ -153,9 +153,26 @@ async fn run(
         p.event(e, &room);
     }
     let state = p.finish()?;
+    // From here the spool holds a finished recording: if storing fails, a
+    // later `recover` pass stores it.
+    std::fs::write(dir.join(STOPPED), b"")?;
     info!(room = %state.room, recording = %state.id, "recording stopped; storing");
-    finalize(&dir, state, store.as_ref(), settings.keep, Utc::now()).await
+    let ended_at = Utc::now();
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match finalize(&dir, state.clone(), store.as_ref(), settings.keep, ended_at).await {
+            Err(RecordError::Store(e)) if delay <= Duration::from_secs(4) => {
+                warn!(recording = %state.id, error = %e, "storage unavailable; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            other => return other,
+        }
+    }
 }
+
+/// Marks a spooled recording as finished (no process is writing it).
+const STOPPED: &str = "stopped";
 
 /// Joins the segments in `dir`, stores the file and its manifest, and
 /// clears `dir`.
@@ -213,9 +230,16 @@ async fn finalize(
     Ok(manifest)
 }
 
-/// Finishes recordings a previous process left in the spool (it crashed or
-/// was killed): whatever segments they have become their file.
-pub async fn recover(spool: &Path, store: &dyn Store, keep: chrono::Duration) -> Vec<Manifest> {
+/// Finishes recordings left in the spool: at start-up (`only_stopped`
+/// false) everything there, which an earlier process was writing when it
+/// died, so whatever segments it has become its file; later (`true`) the
+/// recordings that stopped but could not be stored yet (storage was down).
+pub async fn recover(
+    spool: &Path,
+    store: &dyn Store,
+    keep: chrono::Duration,
+    only_stopped: bool,
+) -> Vec<Manifest> {
     let mut done = Vec::new();
     let Ok(rooms) = std::fs::read_dir(spool) else {
         return done;
@@ -226,6 +250,9 @@ pub async fn recover(spool: &Path, store: &dyn Store, keep: chrono::Duration) ->
         };
         for rec in recordings.flatten() {
             let dir = rec.path();
+            if only_stopped && !dir.join(STOPPED).exists() {
+                continue;
+            }
             let Ok(text) = std::fs::read(dir.join("state.json")) else {
                 continue;
             };

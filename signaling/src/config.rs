@@ -41,6 +41,42 @@ pub struct RecordingConfig {
     /// Seconds between expiry sweeps.
     #[serde(with = "secs")]
     pub sweep_interval: Duration,
+    /// `local` (a directory; the default) or `s3`.
+    pub store: StoreKind,
+    pub s3: S3Config,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Local,
+    S3,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Omit for AWS; e.g. `http://127.0.0.1:3900` for Garage.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub bucket: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Path-style URLs (Garage, MinIO, Ceph want this).
+    pub path_style: bool,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: None,
+            region: "us-east-1".into(),
+            bucket: None,
+            access_key_id: None,
+            secret_access_key: None,
+            path_style: false,
+        }
+    }
 }
 
 impl Default for RecordingConfig {
@@ -52,6 +88,8 @@ impl Default for RecordingConfig {
             local_dir: None,
             spool_dir: None,
             sweep_interval: Duration::from_secs(3600),
+            store: StoreKind::Local,
+            s3: S3Config::default(),
         }
     }
 }
@@ -237,6 +275,7 @@ const SECTIONS: &[&str] = &[
     "schedule.http",
     "schedule",
     "webhooks",
+    "recording.s3",
     "recording",
     "auth",
     "sfu",
@@ -331,6 +370,26 @@ impl Config {
         }
         if self.recording.sweep_interval.is_zero() {
             return Err(invalid("recording.sweep_interval", "must be at least 1"));
+        }
+        if self.recording.store == StoreKind::S3 {
+            let s3 = &self.recording.s3;
+            for (key, value) in [
+                ("recording.s3.bucket", &s3.bucket),
+                ("recording.s3.access_key_id", &s3.access_key_id),
+                ("recording.s3.secret_access_key", &s3.secret_access_key),
+            ] {
+                if value.as_deref().is_none_or(str::is_empty) {
+                    return Err(invalid(key, "must be set when recording.store is \"s3\""));
+                }
+            }
+            if let Some(e) = &s3.endpoint
+                && !(e.starts_with("http://") || e.starts_with("https://"))
+            {
+                return Err(invalid(
+                    "recording.s3.endpoint",
+                    "must be an http:// or https:// URL",
+                ));
+            }
         }
         if let Some(url) = &self.webhooks.url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {

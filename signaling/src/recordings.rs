@@ -5,6 +5,7 @@
 use crate::webhook::Webhooks;
 use chrono::Utc;
 use confer_recorder::recording::Settings;
+use confer_recorder::s3::{S3Settings, S3Store};
 use confer_recorder::store::{self, Download, Manifest, Store};
 use confer_recorder::{LocalStore, Running};
 use confer_sfu::Sfu;
@@ -33,6 +34,9 @@ pub enum RecordingError {
 
 pub struct Recordings {
     pub store: Arc<dyn Store>,
+    /// The same store when it is S3, for its lifecycle rule.
+    s3: Option<Arc<S3Store>>,
+    keep_days: u32,
     settings: Settings,
     enabled: bool,
     sfu: Arc<Sfu>,
@@ -72,8 +76,25 @@ impl Recordings {
             }
             None => rand::random::<[u8; 32]>().to_vec(),
         };
+        let (store, s3): (Arc<dyn Store>, _) = match r.store {
+            crate::config::StoreKind::Local => (Arc::new(LocalStore::new(local_dir)), None),
+            crate::config::StoreKind::S3 => {
+                let c = &r.s3;
+                let s3 = Arc::new(S3Store::new(&S3Settings {
+                    endpoint: c.endpoint.clone(),
+                    region: c.region.clone(),
+                    bucket: c.bucket.clone().unwrap_or_default(),
+                    access_key_id: c.access_key_id.clone().unwrap_or_default(),
+                    secret_access_key: c.secret_access_key.clone().unwrap_or_default(),
+                    path_style: c.path_style,
+                }));
+                (s3.clone() as Arc<dyn Store>, Some(s3))
+            }
+        };
         Arc::new(Recordings {
-            store: Arc::new(LocalStore::new(local_dir)),
+            store,
+            s3,
+            keep_days: r.keep_days,
             settings,
             enabled: r.enabled,
             sfu,
@@ -83,25 +104,41 @@ impl Recordings {
         })
     }
 
-    /// Finishes recordings an earlier process left, then sweeps expired
-    /// ones every `interval`. Runs for the life of the process.
+    /// Installs the S3 lifecycle rule, finishes recordings an earlier
+    /// process left, then every minute stores recordings that could not be
+    /// stored yet, and every `interval` sweeps expired ones. Runs for the
+    /// life of the process.
     pub async fn maintain(self: Arc<Self>, interval: Duration) {
-        for m in confer_recorder::recover(
-            &self.settings.spool,
-            self.store.as_ref(),
-            self.settings.keep,
-        )
-        .await
+        if let Some(s3) = &self.s3 {
+            match s3.ensure_lifecycle(self.keep_days).await {
+                Ok(what) => info!("S3 lifecycle rule in place: {what}"),
+                Err(e) => warn!(
+                    error = %e,
+                    "could not install the S3 lifecycle rule (do the credentials allow PutLifecycleConfiguration?); \
+                     expired recordings are still deleted by Confer's own sweep"
+                ),
+            }
+        }
+        let spool = self.settings.spool.clone();
+        for m in
+            confer_recorder::recover(&spool, self.store.as_ref(), self.settings.keep, false).await
         {
             self.available(&m);
         }
-        let mut tick = tokio::time::interval(interval);
+        let mut sweep = tokio::time::interval(interval);
+        let mut retry = tokio::time::interval(Duration::from_secs(60));
         loop {
-            tick.tick().await;
-            match store::sweep(self.store.as_ref(), Utc::now()).await {
-                Ok(0) => {}
-                Ok(n) => info!(deleted = n, "expired recordings deleted"),
-                Err(e) => warn!(error = %e, "expiry sweep failed; next time"),
+            tokio::select! {
+                _ = sweep.tick() => match store::sweep(self.store.as_ref(), Utc::now()).await {
+                    Ok(0) => {}
+                    Ok(n) => info!(deleted = n, "expired recordings deleted"),
+                    Err(e) => warn!(error = %e, "expiry sweep failed; next time"),
+                },
+                _ = retry.tick() => {
+                    for m in confer_recorder::recover(&spool, self.store.as_ref(), self.settings.keep, true).await {
+                        self.available(&m);
+                    }
+                }
             }
         }
     }

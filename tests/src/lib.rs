@@ -34,6 +34,7 @@ use webrtc::peer_connection::{
     register_default_interceptors,
 };
 
+pub mod garage;
 pub mod radicale;
 
 pub fn init_logging() {

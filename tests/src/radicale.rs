@@ -21,8 +21,12 @@ fn binary() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("RADICALE") {
         return Ok(p.into());
     }
-    let home = std::env::var_os("HOME").unwrap_or_default();
-    let venv = PathBuf::from(home).join(".cache/confer/venv/bin/radicale");
+    let tools = std::env::var_os("TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/confer")
+        });
+    let venv = tools.join("venv/bin/radicale");
     if venv.is_file() {
         return Ok(venv);
     }

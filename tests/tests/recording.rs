@@ -221,7 +221,7 @@ async fn a_recorder_that_dies_leaves_a_playable_file_after_recovery() {
     assert!(store.list(store::PREFIX).await.unwrap().is_empty());
 
     let recovered =
-        confer_recorder::recover(&spool, store.as_ref(), chrono::Duration::days(30)).await;
+        confer_recorder::recover(&spool, store.as_ref(), chrono::Duration::days(30), false).await;
     assert_eq!(recovered.len(), 1);
     let file = store_dir.join(store::key("recorded", &recovered[0].id, store::MEDIA));
     let (streams, duration) = probe(&file);
