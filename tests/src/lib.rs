@@ -639,15 +639,56 @@ pub struct RealMedia {
     pub tone_hz: f64,
     /// VP8 frames at 30 fps, sent in a loop.
     pub vp8: Arc<Vec<Vec<u8>>>,
+    /// Sound only in 100 ms beeps every 2 s, in step with video frames 0-2
+    /// of every 60 (where [`vp8_flash_frames`] flashes).
+    pub beeps: bool,
+    /// When the client's audio and video senders start, shared so that
+    /// their first packets leave together.
+    start: std::sync::OnceLock<Instant>,
+}
+
+impl RealMedia {
+    /// A continuous tone.
+    pub fn tone(tone_hz: f64, vp8: Arc<Vec<Vec<u8>>>) -> Arc<RealMedia> {
+        Arc::new(RealMedia {
+            tone_hz,
+            vp8,
+            beeps: false,
+            start: Default::default(),
+        })
+    }
+
+    /// Beeps in step with flashes, for measuring A/V sync.
+    pub fn beeps(tone_hz: f64, flashes: Arc<Vec<Vec<u8>>>) -> Arc<RealMedia> {
+        Arc::new(RealMedia {
+            tone_hz,
+            vp8: flashes,
+            beeps: true,
+            start: Default::default(),
+        })
+    }
+}
+
+/// VP8 frames, black with a white flash in frames 0-2 of every 60 (100 ms
+/// every 2 s at 30 fps), `seconds` long.
+pub fn vp8_flash_frames(seconds: u32) -> anyhow::Result<Vec<Vec<u8>>> {
+    vp8_frames(&format!(
+        "color=c=black:size=320x240:rate=30:duration={seconds},\
+         drawbox=x=0:y=0:w=iw:h=ih:color=white:t=fill:enable='lt(mod(n\\,60)\\,3)'"
+    ))
 }
 
 /// VP8 frames of a test pattern, `seconds` long at 30 fps with a keyframe
 /// every second, made by the ffmpeg command-line tool.
 pub fn vp8_test_frames(seconds: u32) -> anyhow::Result<Vec<Vec<u8>>> {
+    vp8_frames(&format!("testsrc=size=320x240:rate=30:duration={seconds}"))
+}
+
+fn vp8_frames(lavfi: &str) -> anyhow::Result<Vec<Vec<u8>>> {
     let path = std::env::temp_dir().join(format!("confer-vp8-{:016x}.ivf", rand::random::<u64>()));
     let status = std::process::Command::new("ffmpeg")
         .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
-        .arg(format!("testsrc=size=320x240:rate=30:duration={seconds}"))
+        .arg(lavfi)
         .args([
             "-c:v",
             "libvpx",
@@ -690,28 +731,33 @@ async fn send_real_media(
         Kind::Audio => Duration::from_millis(20),
         Kind::Video => Duration::from_micros(33_333),
     };
-    let mut tick = tokio::time::interval(interval);
+    let waited = Instant::now();
+    while !*connected.lock().unwrap() {
+        if waited.elapsed() > Duration::from_secs(60) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let Ok(params) = sender.get_parameters().await else {
+        return;
+    };
+    let pt = params.rtp_parameters.codecs.first().map(|c| c.payload_type);
+    // Audio and video start on the same instant, so frame n of the video
+    // and the audio at n × 33.3 ms were meant to be heard and seen together.
+    let start = *real
+        .start
+        .get_or_init(|| Instant::now() + Duration::from_millis(300));
+    let mut tick = tokio::time::interval_at(start.into(), interval);
     let mut seq: u16 = rand::random();
     let mut ts: u32 = rand::random();
     let mut n: u64 = 0;
-    let mut pt = None;
     let mut encoder = opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Audio)
         .expect("opus encoder");
     let mut out = vec![0u8; 1500];
-    let started = Instant::now();
     loop {
         tick.tick().await;
         if !*connected.lock().unwrap() {
-            if n > 0 || started.elapsed() > Duration::from_secs(60) {
-                return;
-            }
-            continue;
-        }
-        if pt.is_none() {
-            let Ok(params) = sender.get_parameters().await else {
-                return;
-            };
-            pt = params.rtp_parameters.codecs.first().map(|c| c.payload_type);
+            return;
         }
         // (payload, marker) packets of this tick.
         let packets: Vec<(Vec<u8>, bool)> = match kind {
@@ -719,6 +765,9 @@ async fn send_real_media(
                 let pcm: Vec<i16> = (0..960)
                     .map(|i| {
                         let t = (n * 960 + i) as f64 / 48_000.0;
+                        if real.beeps && t % 2.0 >= 0.1 {
+                            return 0;
+                        }
                         (6000.0 * (2.0 * std::f64::consts::PI * real.tone_hz * t).sin()) as i16
                     })
                     .collect();

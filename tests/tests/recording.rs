@@ -21,10 +21,7 @@ async fn join(
     tone_hz: f64,
     vp8: &Arc<Vec<Vec<u8>>>,
 ) -> Client {
-    let media = Arc::new(RealMedia {
-        tone_hz,
-        vp8: vp8.clone(),
-    });
+    let media = RealMedia::tone(tone_hz, vp8.clone());
     Client::join_real(server, name, &server.token(name, "recorded"), index, media)
         .await
         .unwrap()
@@ -230,4 +227,116 @@ async fn a_recorder_that_dies_leaves_a_playable_file_after_recovery() {
     assert!(duration >= 6.0, "only {duration:.2} s recovered");
     decodes_cleanly(&file);
     assert!(tone(window(&pcm(&file), 1.0, 5.0), 660.0) > 1000.0);
+}
+
+/// Times (s) in `samples` where a `hz` beep starts: 10 ms windows whose
+/// amplitude at `hz` rises above half of the beep's.
+fn beep_onsets(samples: &[i16], hz: f64) -> Vec<f64> {
+    let win = 480;
+    let mut onsets = Vec::new();
+    let mut on = false;
+    for (i, w) in samples.chunks(win).enumerate() {
+        let loud = tone(w, hz) > 2000.0;
+        if loud && !on {
+            onsets.push(i as f64 * win as f64 / 48_000.0);
+        }
+        on = loud;
+    }
+    onsets
+}
+
+/// Times (s) of frames where the picture turns white. (ffmpeg rather than
+/// ffprobe: the filter graph must follow the resolution changes.)
+fn flash_onsets(file: &Path) -> Vec<f64> {
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(file)
+        .args([
+            "-an",
+            "-vf",
+            "scale=32:24,signalstats,metadata=print:key=lavfi.signalstats.YAVG:file=-",
+        ])
+        .args(["-f", "null", "-"])
+        .output()
+        .expect("ffmpeg runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut onsets = Vec::new();
+    let (mut on, mut t) = (false, 0.0);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(pt) = line.split("pts_time:").nth(1) {
+            t = pt.trim().parse().unwrap_or(t);
+        } else if let Some(y) = line.strip_prefix("lavfi.signalstats.YAVG=") {
+            let white = y.trim().parse::<f64>().unwrap_or(0.0) > 128.0;
+            if white && !on {
+                onsets.push(t);
+            }
+            on = white;
+        }
+    }
+    onsets
+}
+
+/// A participant sends a beep and a white flash together every 2 s; in the
+/// recording each beep starts within 80 ms of its flash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_and_video_stay_in_sync() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    let flashes = Arc::new(confer_tests::vp8_flash_frames(4).unwrap());
+    let media = RealMedia::beeps(1000.0, flashes);
+    let a = Client::join_real(&server, "ann", &server.token("ann", "sync"), 1, media)
+        .await
+        .unwrap();
+    // Ben only listens (his own tone, elsewhere in the spectrum, does not matter).
+    let quiet = RealMedia::tone(300.0, Arc::new(vp8_test_frames(1).unwrap()));
+    let b = Client::join_real(&server, "ben", &server.token("ben", "sync"), 2, quiet)
+        .await
+        .unwrap();
+    until("media", Duration::from_secs(20), || {
+        b.received(&a.participant_id, Kind::Video).packets.len() > 30
+    })
+    .await;
+    let store_dir = tmp("store");
+    let store: Arc<dyn Store> = Arc::new(LocalStore::new(store_dir.clone()));
+    let settings = Settings {
+        spool: tmp("spool"),
+        ..Default::default()
+    };
+    let rec = confer_recorder::start(
+        server.state.sfu.room("sync").unwrap(),
+        "Sync".into(),
+        store,
+        settings,
+    );
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let m = rec.stop().await.unwrap();
+    let file = store_dir.join(store::key("sync", &m.id, store::MEDIA));
+
+    let beeps = beep_onsets(&pcm(&file), 1000.0);
+    let flashes = flash_onsets(&file);
+    assert!(
+        beeps.len() >= 4 && flashes.len() >= 4,
+        "beeps {beeps:?}, flashes {flashes:?}"
+    );
+    let mut offsets = Vec::new();
+    for f in &flashes {
+        if let Some(b) = beeps
+            .iter()
+            .min_by(|x, y| (*x - f).abs().total_cmp(&(*y - f).abs()))
+        {
+            offsets.push(b - f);
+        }
+    }
+    println!("A/V offsets (audio − video), s: {offsets:?}");
+    for o in &offsets {
+        assert!(
+            o.abs() <= 0.08,
+            "audio {:.0} ms off its video; all: {offsets:?}",
+            o * 1000.0
+        );
+    }
 }

@@ -59,12 +59,7 @@ fn probe_duration(bytes: &[u8]) -> f64 {
 
 async fn meeting(server: &TestServer, room: &str) -> (Client, Client) {
     let vp8 = Arc::new(vp8_test_frames(2).unwrap());
-    let media = |hz| {
-        Arc::new(RealMedia {
-            tone_hz: hz,
-            vp8: vp8.clone(),
-        })
-    };
+    let media = |hz| RealMedia::tone(hz, vp8.clone());
     let a = Client::join_real(server, "ann", &server.token("ann", room), 1, media(440.0))
         .await
         .unwrap();
