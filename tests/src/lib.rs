@@ -424,6 +424,18 @@ impl Client {
                 locals.push((kind, local, sender, ssrc));
             }
         }
+        if !publish {
+            // As docs/signaling.md asks of a client with nothing to send.
+            pc.add_transceiver_from_kind(
+                RtpCodecKind::Audio,
+                Some(webrtc::rtp_transceiver::RTCRtpTransceiverInit {
+                    direction: webrtc::rtp_transceiver::RTCRtpTransceiverDirection::Recvonly,
+                    streams: vec![],
+                    send_encodings: vec![],
+                }),
+            )
+            .await?;
+        }
         let offer = pc.create_offer(None).await?;
         pc.set_local_description(offer).await?;
         let sdp = pc
