@@ -1,0 +1,203 @@
+//! What simulated participants send: RTP payloads shaped like Opus and VP8,
+//! generated (never encoded), each ending in a [`Marker`] so a subscriber can
+//! tell who sent it, which packet it is, and when it left.
+
+use rand::Rng;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Bytes at the end of every payload.
+pub const MARKER_LEN: usize = 24;
+const MAGIC: [u8; 4] = *b"CLd1";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Audio,
+    Video,
+}
+
+/// The measurement trailer of one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Marker {
+    /// Publisher's index in the whole run.
+    pub publisher: u32,
+    pub kind: Kind,
+    /// Per-track packet counter, from 0.
+    pub seq: u32,
+    /// Microseconds since [`clock`]'s epoch when the packet was written.
+    pub sent_us: u64,
+}
+
+impl Marker {
+    pub fn write(&self, out: &mut [u8; MARKER_LEN]) {
+        out[0..4].copy_from_slice(&MAGIC);
+        out[4..8].copy_from_slice(&self.publisher.to_be_bytes());
+        out[8..12].copy_from_slice(&(self.kind as u32).to_be_bytes());
+        out[12..16].copy_from_slice(&self.seq.to_be_bytes());
+        out[16..24].copy_from_slice(&self.sent_us.to_be_bytes());
+    }
+
+    /// Reads the trailer of `payload`; `None` when it is not ours.
+    pub fn read(payload: &[u8]) -> Option<Marker> {
+        let t = payload.get(payload.len().checked_sub(MARKER_LEN)?..)?;
+        if t[0..4] != MAGIC {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_be_bytes([t[i], t[i + 1], t[i + 2], t[i + 3]]);
+        let kind = match u32_at(8) {
+            0 => Kind::Audio,
+            1 => Kind::Video,
+            _ => return None,
+        };
+        Some(Marker {
+            publisher: u32_at(4),
+            kind,
+            seq: u32_at(12),
+            sent_us: u64::from_be_bytes(t[16..24].try_into().ok()?),
+        })
+    }
+}
+
+/// Microseconds since the first call in this process: the one clock that
+/// senders and receivers share, since they all live in this process.
+pub fn clock() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+/// Opus at 20 ms per packet: a TOC byte for a 20 ms CELT fullband frame,
+/// then about 32 kbit/s of bytes.
+pub const AUDIO_INTERVAL: Duration = Duration::from_millis(20);
+pub const AUDIO_TS_STEP: u32 = 960;
+const AUDIO_PAYLOAD: usize = 80 + MARKER_LEN;
+
+/// The audio payload for packet `seq` (the marker is filled in at sending).
+pub fn audio_payload() -> Vec<u8> {
+    let mut p = vec![0u8; AUDIO_PAYLOAD];
+    p[0] = 0xfc;
+    rand::rng().fill(&mut p[1..AUDIO_PAYLOAD - MARKER_LEN]);
+    p
+}
+
+/// VP8 frames at a target bitrate: keyframes several times the size of the
+/// frames between them, sizes varying by ±20 % as a real encoder's do.
+pub struct VideoShape {
+    pub bitrate_bps: u64,
+    pub fps: u32,
+    pub keyframe_every: Duration,
+}
+
+impl Default for VideoShape {
+    fn default() -> Self {
+        VideoShape {
+            bitrate_bps: 1_200_000,
+            fps: 30,
+            keyframe_every: Duration::from_secs(3),
+        }
+    }
+}
+
+/// How much bigger a keyframe is than the frames between keyframes.
+const KEYFRAME_RATIO: f64 = 6.0;
+/// Payload bytes per RTP packet, as browsers packetize.
+const MAX_PAYLOAD: usize = 1200;
+const VP8_DESCRIPTOR: usize = 1;
+
+impl VideoShape {
+    pub fn frame_interval(&self) -> Duration {
+        Duration::from_secs(1) / self.fps.max(1)
+    }
+
+    pub fn ts_step(&self) -> u32 {
+        90_000 / self.fps.max(1)
+    }
+
+    fn frames_per_keyframe(&self) -> u64 {
+        (self.keyframe_every.as_secs_f64() * self.fps as f64)
+            .round()
+            .max(1.0) as u64
+    }
+
+    /// Bytes of frame number `n` (frame 0 is a keyframe).
+    pub fn frame_size(&self, n: u64, rng: &mut impl Rng) -> usize {
+        let per_gop = self.frames_per_keyframe() as f64;
+        let avg = self.bitrate_bps as f64 / 8.0 / self.fps.max(1) as f64;
+        // avg * per_gop = delta * (per_gop - 1 + ratio)
+        let delta = avg * per_gop / (per_gop - 1.0 + KEYFRAME_RATIO);
+        let base = if self.is_keyframe(n) {
+            delta * KEYFRAME_RATIO
+        } else {
+            delta
+        };
+        (base * rng.random_range(0.8..1.2)).max(MARKER_LEN as f64 + 16.0) as usize
+    }
+
+    pub fn is_keyframe(&self, n: u64) -> bool {
+        n.is_multiple_of(self.frames_per_keyframe())
+    }
+
+    /// Splits a frame of `size` bytes into RTP payloads, each with a VP8
+    /// payload descriptor, room left for the marker at the end.
+    pub fn packetize(&self, size: usize, keyframe: bool, rng: &mut impl Rng) -> Vec<Vec<u8>> {
+        let room = MAX_PAYLOAD - VP8_DESCRIPTOR - MARKER_LEN;
+        let count = size.div_ceil(room).max(1);
+        let per = size.div_ceil(count);
+        (0..count)
+            .map(|i| {
+                let body = per.min(size - i * per).max(3);
+                let mut p = vec![0u8; VP8_DESCRIPTOR + body + MARKER_LEN];
+                rng.fill(&mut p[VP8_DESCRIPTOR..VP8_DESCRIPTOR + body]);
+                if i == 0 {
+                    // S bit: start of the frame's first partition.
+                    p[0] = 0x10;
+                    // VP8 frame tag: bit 0 clear marks a keyframe; show_frame set.
+                    p[1] = if keyframe { 0x10 } else { 0x11 };
+                }
+                p
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_round_trips_at_the_end_of_a_payload() {
+        let m = Marker {
+            publisher: 7,
+            kind: Kind::Video,
+            seq: 123_456,
+            sent_us: 9_876_543_210,
+        };
+        let mut p = vec![1u8; 300];
+        let at = p.len() - MARKER_LEN;
+        m.write((&mut p[at..]).try_into().unwrap());
+        assert_eq!(Marker::read(&p), Some(m));
+        assert_eq!(Marker::read(&p[..20]), None);
+        p[at] = b'X';
+        assert_eq!(Marker::read(&p), None);
+    }
+
+    #[test]
+    fn video_averages_its_bitrate_with_big_keyframes() {
+        let shape = VideoShape::default();
+        let mut rng = rand::rng();
+        let frames = 30 * 30;
+        let mut bytes = 0;
+        let mut packets = 0;
+        for n in 0..frames {
+            let size = shape.frame_size(n, &mut rng);
+            let ps = shape.packetize(size, shape.is_keyframe(n), &mut rng);
+            assert!(ps.iter().all(|p| p.len() <= MAX_PAYLOAD));
+            assert_eq!(ps[0][1] & 1, u8::from(!shape.is_keyframe(n)));
+            bytes += size;
+            packets += ps.len();
+        }
+        let bps = bytes as f64 * 8.0 / 30.0;
+        assert!((bps / 1_200_000.0 - 1.0).abs() < 0.05, "{bps} bit/s");
+        // 5 kB frames average four to five 1200-byte packets.
+        assert!(packets > frames as usize * 4, "{packets}");
+    }
+}

@@ -1,0 +1,312 @@
+//! The WebRTC side of a simulated participant, whatever server it talks to:
+//! a peer connection on loopback that publishes generated media and feeds
+//! everything it receives into its [`Subscriber`] measurements.
+
+use crate::media::{self, AUDIO_INTERVAL, AUDIO_TS_STEP, Kind, MARKER_LEN, Marker, VideoShape};
+use crate::stats::{Counters, Sent, Subscriber};
+use anyhow::Context;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, watch};
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+    RTCConfigurationBuilder, RTCIceCandidateInit, RTCPeerConnectionIceEvent,
+    RTCPeerConnectionState, Registry, SettingEngineBuilder, register_default_interceptors,
+};
+use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit, RtpSender};
+
+/// What a participant publishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Publish {
+    Nothing,
+    Audio,
+    AudioVideo,
+}
+
+/// Shared by every participant of a run.
+pub struct Shared {
+    pub counters: Counters,
+    pub video: VideoShape,
+    /// Set when publishers should stop.
+    pub stop: watch::Receiver<bool>,
+}
+
+pub struct Peer {
+    pub pc: Arc<dyn PeerConnection>,
+    pub stats: Arc<Mutex<Subscriber>>,
+    pub sent: Arc<Sent>,
+    connected: Arc<AtomicBool>,
+    locals: Vec<Track>,
+}
+
+struct Handler {
+    candidates: mpsc::UnboundedSender<RTCIceCandidateInit>,
+    connected: Arc<AtomicBool>,
+    stats: Arc<Mutex<Subscriber>>,
+    shared: Arc<Shared>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
+        if let Ok(c) = event.candidate.to_json() {
+            let _ = self.candidates.send(c);
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        self.connected.store(
+            state == RTCPeerConnectionState::Connected,
+            Ordering::Relaxed,
+        );
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let stats = self.stats.clone();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            while let Some(evt) = track.poll().await {
+                match evt {
+                    TrackRemoteEvent::OnRtpPacket(p) => {
+                        let now = media::clock();
+                        shared.counters.add_received(p.payload.len());
+                        if let Some(m) = Marker::read(&p.payload) {
+                            stats.lock().unwrap().on_packet(m, now);
+                        }
+                    }
+                    TrackRemoteEvent::OnEnded => break,
+                    _ => {}
+                }
+            }
+        });
+    }
+}
+
+impl Peer {
+    /// A peer connection bound to loopback, with tracks for what it will
+    /// publish. Its ICE candidates arrive on `candidates`.
+    pub async fn new(
+        publish: Publish,
+        name: &str,
+        started_us: u64,
+        shared: Arc<Shared>,
+        candidates: mpsc::UnboundedSender<RTCIceCandidateInit>,
+    ) -> anyhow::Result<Peer> {
+        let stats = Arc::new(Mutex::new(Subscriber::new(started_us)));
+        let connected = Arc::new(AtomicBool::new(false));
+        let mut me = MediaEngine::default();
+        me.register_default_codecs()?;
+        let registry = register_default_interceptors(Registry::new(), &mut me)?;
+        let pc = PeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_media_engine(me)
+            .with_interceptor_registry(registry)
+            .with_setting_engine(
+                SettingEngineBuilder::new()
+                    .with_include_loopback_candidate(true)
+                    .build(),
+            )
+            .with_handler(Arc::new(Handler {
+                candidates,
+                connected: connected.clone(),
+                stats: stats.clone(),
+                shared,
+            }))
+            .with_udp_addrs(vec!["127.0.0.1:0"])
+            .build()
+            .await?;
+        let pc: Arc<dyn PeerConnection> = Arc::new(pc);
+        let kinds: &[Kind] = match publish {
+            Publish::Nothing => &[],
+            Publish::Audio => &[Kind::Audio],
+            Publish::AudioVideo => &[Kind::Audio, Kind::Video],
+        };
+        let mut locals = Vec::new();
+        for &kind in kinds {
+            let ssrc: u32 = rand::random();
+            let (codec_kind, codec) = match kind {
+                Kind::Audio => (
+                    RtpCodecKind::Audio,
+                    RTCRtpCodec {
+                        mime_type: "audio/opus".into(),
+                        clock_rate: 48000,
+                        channels: 2,
+                        ..Default::default()
+                    },
+                ),
+                Kind::Video => (
+                    RtpCodecKind::Video,
+                    RTCRtpCodec {
+                        mime_type: "video/VP8".into(),
+                        clock_rate: 90000,
+                        ..Default::default()
+                    },
+                ),
+            };
+            let local = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+                format!("{name}-stream"),
+                format!("{name}-{kind:?}").to_lowercase(),
+                format!("{name} {kind:?}"),
+                codec_kind,
+                vec![RTCRtpEncodingParameters {
+                    rtp_coding_parameters: RTCRtpCodingParameters {
+                        ssrc: Some(ssrc),
+                        ..Default::default()
+                    },
+                    codec,
+                    ..Default::default()
+                }],
+            )));
+            let sender = pc.add_track(local.clone() as Arc<dyn TrackLocal>).await?;
+            locals.push(Track {
+                kind,
+                local,
+                sender,
+                ssrc,
+            });
+        }
+        if locals.is_empty() {
+            // A client with nothing to send offers one recvonly m-line
+            // (docs/signaling.md): an offer needs at least one.
+            pc.add_transceiver_from_kind(
+                RtpCodecKind::Audio,
+                Some(RTCRtpTransceiverInit {
+                    direction: RTCRtpTransceiverDirection::Recvonly,
+                    streams: vec![],
+                    send_encodings: vec![],
+                }),
+            )
+            .await?;
+        }
+        Ok(Peer {
+            pc,
+            stats,
+            sent: Arc::default(),
+            connected,
+            locals,
+        })
+    }
+
+    /// Starts sending generated media as publisher `index` once connected.
+    pub fn start_publishing(&mut self, index: u32, shared: Arc<Shared>) {
+        for track in self.locals.drain(..) {
+            tokio::spawn(publish(
+                track,
+                index,
+                self.connected.clone(),
+                self.sent.clone(),
+                shared.clone(),
+            ));
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    pub async fn create_offer(&self) -> anyhow::Result<String> {
+        let offer = self.pc.create_offer(None).await?;
+        self.pc.set_local_description(offer).await?;
+        Ok(self.pc.local_description().await.context("offer")?.sdp)
+    }
+}
+
+struct Track {
+    kind: Kind,
+    local: Arc<TrackLocalStaticRTP>,
+    sender: Arc<dyn RtpSender>,
+    ssrc: u32,
+}
+
+async fn publish(
+    t: Track,
+    index: u32,
+    connected: Arc<AtomicBool>,
+    sent: Arc<Sent>,
+    shared: Arc<Shared>,
+) {
+    let mut stop = shared.stop.clone();
+    while !connected.load(Ordering::Relaxed) {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+    let Ok(params) = t.sender.get_parameters().await else {
+        return;
+    };
+    let pt = params
+        .rtp_parameters
+        .codecs
+        .first()
+        .map_or(96, |c| c.payload_type);
+    let interval = match t.kind {
+        Kind::Audio => AUDIO_INTERVAL,
+        Kind::Video => shared.video.frame_interval(),
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rtp_seq: u16 = rand::random();
+    let mut ts: u32 = rand::random();
+    let mut counter: u32 = 0;
+    let mut frame: u64 = 0;
+    // ThreadRng cannot cross an await.
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let (payloads, ts_step) = match t.kind {
+            Kind::Audio => (vec![media::audio_payload()], AUDIO_TS_STEP),
+            Kind::Video => {
+                let key = shared.video.is_keyframe(frame);
+                let size = shared.video.frame_size(frame, &mut rng);
+                frame += 1;
+                (
+                    shared.video.packetize(size, key, &mut rng),
+                    shared.video.ts_step(),
+                )
+            }
+        };
+        let last = payloads.len() - 1;
+        for (i, mut payload) in payloads.into_iter().enumerate() {
+            let at = payload.len() - MARKER_LEN;
+            let marker = Marker {
+                publisher: index,
+                kind: t.kind,
+                seq: counter,
+                sent_us: media::clock(),
+            };
+            marker.write((&mut payload[at..]).try_into().expect("marker length"));
+            let pkt = rtp::Packet {
+                header: rtp::header::Header {
+                    version: 2,
+                    marker: t.kind == Kind::Video && i == last,
+                    payload_type: pt,
+                    sequence_number: rtp_seq,
+                    timestamp: ts,
+                    ssrc: t.ssrc,
+                    ..Default::default()
+                },
+                payload: payload.into(),
+            };
+            if t.local.write_rtp(pkt).await.is_err() {
+                return;
+            }
+            sent.record(t.kind, counter);
+            shared.counters.sent_packets.fetch_add(1, Ordering::Relaxed);
+            counter += 1;
+            rtp_seq = rtp_seq.wrapping_add(1);
+        }
+        ts = ts.wrapping_add(ts_step);
+    }
+}
