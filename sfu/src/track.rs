@@ -28,6 +28,10 @@ use webrtc::rtp_transceiver::RtpSender;
 
 /// Packets queued per receiver before it starts losing them.
 const RECEIVER_QUEUE: usize = 512;
+/// A packet that waited longer than this for its receiver is dropped: under
+/// overload a receiver loses packets (and asks again or for a keyframe)
+/// rather than falling seconds behind. 512 audio packets would be 10 s.
+const MAX_QUEUE_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -88,7 +92,8 @@ pub struct Receiver {
 }
 
 enum Feed {
-    Rtp(rtp::Packet),
+    /// A packet and when it arrived from the publisher.
+    Rtp(rtp::Packet, Instant),
     /// The receiver's leg is negotiated: learn its payload type and extension ids.
     Negotiated,
 }
@@ -136,6 +141,7 @@ impl Published {
         while let Some(evt) = self.remote.poll().await {
             match evt {
                 TrackRemoteEvent::OnRtpPacket(pkt) => {
+                    let arrived = Instant::now();
                     self.packets.fetch_add(1, Ordering::Relaxed);
                     if self
                         .blocked
@@ -150,12 +156,12 @@ impl Published {
                     if let Some(tap) = &*self.tap.load() {
                         let _ = tap.try_send(Tapped::Rtp {
                             track_id: self.tap_id.clone(),
-                            at: Instant::now(),
+                            at: arrived,
                             packet: pkt.clone(),
                         });
                     }
                     for r in self.receivers.load().iter() {
-                        if r.queue.try_send(Feed::Rtp(pkt.clone())).is_err() {
+                        if r.queue.try_send(Feed::Rtp(pkt.clone(), arrived)).is_err() {
                             trace!(subscriber = %r.subscriber, "receiver queue full, packet dropped");
                         }
                     }
@@ -310,10 +316,16 @@ async fn send_loop(
                     track.request_keyframe();
                 }
             }
-            Feed::Rtp(mut pkt) => {
+            Feed::Rtp(mut pkt, arrived) => {
                 let Some(rw) = rewriter.as_mut() else {
                     continue;
                 };
+                if arrived.elapsed() > MAX_QUEUE_DELAY {
+                    // Sequence offsets are fixed per source, so the receiver
+                    // sees the gap and can ask for it.
+                    trace!(subscriber = %r.subscriber, "packet too late for its receiver, dropped");
+                    continue;
+                }
                 if rw.rewrite(&mut pkt) && r.local.write_rtp(pkt).await.is_err() {
                     // Unbound: the receiver's connection is going away.
                     break;
