@@ -55,7 +55,10 @@ fn parse_stat(stat: &str) -> Option<(u64, u64)> {
 #[derive(Debug, Clone, Serialize)]
 pub struct Machine {
     pub cpu_model: String,
+    /// Online CPUs of the machine.
     pub cpus: usize,
+    /// CPUs this generator may run on (fewer when pinned).
+    pub generator_cpus: usize,
     pub kernel: String,
     pub memory_bytes: u64,
 }
@@ -69,7 +72,12 @@ pub fn machine() -> Machine {
             .find_map(|l| l.strip_prefix("model name"))
             .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
             .unwrap_or_else(|| "unknown".into()),
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpus: cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("processor"))
+            .count()
+            .max(1),
+        generator_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_owned())
             .unwrap_or_default(),
