@@ -202,7 +202,12 @@ async fn build_pc(
     handler: Arc<Handler>,
 ) -> Result<Arc<dyn PeerConnection>, SfuError> {
     let (media_engine, registry) = media_engine()?;
-    let mut settings = SettingEngineBuilder::new();
+    // No mDNS: a server has no use for .local names (a browser hiding behind
+    // one is found by its connectivity checks), and opening the multicast
+    // socket fails with ENODEV where there is no multicast route, as in many
+    // containers: every join was refused there.
+    let mut settings = SettingEngineBuilder::new()
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled);
     if config.ice_ip.is_loopback() {
         settings = settings.with_include_loopback_candidate(true);
     }
