@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
-use webrtc::peer_connection::{PeerConnection, RTCIceCandidateInit, RTCSessionDescription};
+use webrtc::peer_connection::RTCIceCandidateInit;
 
 /// Where join tokens come from.
 #[derive(Clone)]
@@ -67,7 +67,7 @@ impl Tokens {
 
 /// One participant in a Confer room.
 pub struct Participant {
-    pub peer: Peer,
+    pub peer: Arc<Peer>,
     ws: mpsc::UnboundedSender<Message>,
     /// Renegotiation racing a leave fails harmlessly; stay quiet about it.
     leaving: Arc<AtomicBool>,
@@ -117,6 +117,10 @@ impl Participant {
         }
         let (cand_tx, mut cand_rx) = mpsc::unbounded_channel::<RTCIceCandidateInit>();
         let peer = Peer::new(publish, name, started_us, shared, cand_tx).await?;
+        if publish == Publish::Nothing {
+            // docs/signaling.md: a client with nothing to send offers one recvonly m-line.
+            peer.add_recvonly_audio().await?;
+        }
         let ice_out = out.clone();
         tokio::spawn(async move {
             while let Some(c) = cand_rx.recv().await {
@@ -127,7 +131,8 @@ impl Participant {
             }
         });
         send(json!({"type": "offer", "sdp": peer.create_offer().await?}));
-        let pc = peer.pc.clone();
+        let peer = Arc::new(peer);
+        let task_peer = peer.clone();
         let answers = out.clone();
         let leaving = Arc::new(AtomicBool::new(false));
         let quiet = leaving.clone();
@@ -137,7 +142,7 @@ impl Participant {
                 let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else {
                     continue;
                 };
-                if let Err(e) = on_signal(&pc, &answers, &v).await
+                if let Err(e) = on_signal(&task_peer, &answers, &v).await
                     && !quiet.load(Ordering::Relaxed)
                 {
                     tracing::warn!("{}: {e:#}", v["type"]);
@@ -162,29 +167,20 @@ impl Participant {
 }
 
 async fn on_signal(
-    pc: &Arc<dyn PeerConnection>,
+    peer: &Peer,
     out: &mpsc::UnboundedSender<Message>,
     v: &Value,
 ) -> anyhow::Result<()> {
+    let sdp = || v["sdp"].as_str().map(str::to_owned).context("sdp");
     match v["type"].as_str() {
-        Some("answer") => {
-            let sdp = v["sdp"].as_str().context("sdp")?.to_owned();
-            pc.set_remote_description(RTCSessionDescription::answer(sdp)?)
-                .await?;
-        }
+        Some("answer") => peer.accept_answer(sdp()?).await?,
         Some("offer") => {
-            let sdp = v["sdp"].as_str().context("sdp")?.to_owned();
-            pc.set_remote_description(RTCSessionDescription::offer(sdp)?)
-                .await?;
-            let answer = pc.create_answer(None).await?;
-            pc.set_local_description(answer).await?;
-            let sdp = pc.local_description().await.context("answer")?.sdp;
-            let msg = json!({"type": "answer", "sdp": sdp});
+            let msg = json!({"type": "answer", "sdp": peer.answer(sdp()?).await?});
             let _ = out.send(Message::Text(msg.to_string().into()));
         }
         Some("candidate") => {
             let c: RTCIceCandidateInit = serde_json::from_value(v["candidate"].clone())?;
-            pc.add_ice_candidate(c).await?;
+            peer.pc.add_ice_candidate(c).await?;
         }
         Some("error") => tracing::warn!("server error: {v}"),
         _ => {}

@@ -7,12 +7,14 @@
 //! - [`media`]: generated payloads and the measurement marker they carry.
 //! - [`peer`]: a participant's peer connection, publishing and receiving.
 //! - [`confer`]: joining a Confer room (tokens, the WebSocket protocol).
+//! - [`janus`]: the same against Janus's VideoRoom, for comparison.
 //! - [`stats`]: loss, jitter and latency as subscribers see them.
 //! - [`process`]: CPU time and memory from /proc; the machine.
 //! - [`run`]: one run of a [`run::Plan`], from ramp-up to the report.
 //! - [`report`]: the JSON report and its human summary; [`plot`] draws it.
 
 pub mod confer;
+pub mod janus;
 pub mod media;
 pub mod peer;
 pub mod plot;

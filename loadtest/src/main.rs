@@ -3,8 +3,9 @@
 use anyhow::Context;
 use clap::Parser;
 use confer_loadtest::confer::Tokens;
-use confer_loadtest::run::{self, Plan, Target};
+use confer_loadtest::run::{self, Plan, Server, Target};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
@@ -17,9 +18,15 @@ struct Cli {
     /// meeting-10, webinar, audio-100 or many-rooms; the flags below adjust it.
     #[arg(long, default_value = "meeting-10")]
     scenario: String,
-    /// Confer's HTTP address.
+    /// Confer's HTTP address, or with --janus Janus's WebSocket (ws://host:port).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
+    /// The server is Janus (VideoRoom plugin), not Confer.
+    #[arg(long)]
+    janus: bool,
+    /// Address the simulated peers bind to.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind_ip: std::net::IpAddr,
     /// The home server's token secret (auth.token_secret); without it, demo
     /// tokens are asked of the server.
     #[arg(long, env = "LOAD_TOKEN_SECRET")]
@@ -109,15 +116,23 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let plan = plan(&cli)?;
-    let target = Target {
-        base: cli.url.trim_end_matches('/').to_owned(),
-        tokens: match &cli.token_secret {
-            Some(s) => Tokens::Secret(s.clone()),
-            None => Tokens::Demo,
-        },
-        pids: cli.pids.clone(),
+    let url = cli.url.trim_end_matches('/').to_owned();
+    let server = if cli.janus {
+        Server::Janus { url }
+    } else {
+        Server::Confer {
+            base: url,
+            tokens: match &cli.token_secret {
+                Some(s) => Tokens::Secret(s.clone()),
+                None => Tokens::Demo,
+            },
+        }
     };
-    let report = run::run(&plan, &target, !cli.quiet).await?;
+    let target = Arc::new(Target {
+        server,
+        pids: cli.pids.clone(),
+    });
+    let report = run::run(&plan, target, cli.bind_ip, !cli.quiet).await?;
     print!("{}", report.summary());
     if let Some(path) = &cli.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)

@@ -19,7 +19,8 @@ use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
     RTCConfigurationBuilder, RTCIceCandidateInit, RTCPeerConnectionIceEvent,
-    RTCPeerConnectionState, Registry, SettingEngineBuilder, register_default_interceptors,
+    RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
+    register_default_interceptors,
 };
 use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit, RtpSender};
 
@@ -37,6 +38,8 @@ pub struct Shared {
     pub video: VideoShape,
     /// Set when publishers should stop.
     pub stop: watch::Receiver<bool>,
+    /// Local address peers bind (127.0.0.1, or an address in a test namespace).
+    pub bind_ip: std::net::IpAddr,
 }
 
 pub struct Peer {
@@ -44,7 +47,7 @@ pub struct Peer {
     pub stats: Arc<Mutex<Subscriber>>,
     pub sent: Arc<Sent>,
     connected: Arc<AtomicBool>,
-    locals: Vec<Track>,
+    locals: Mutex<Vec<Track>>,
 }
 
 struct Handler {
@@ -102,6 +105,7 @@ impl Peer {
     ) -> anyhow::Result<Peer> {
         let stats = Arc::new(Mutex::new(Subscriber::new(started_us)));
         let connected = Arc::new(AtomicBool::new(false));
+        let bind = std::net::SocketAddr::new(shared.bind_ip, 0).to_string();
         let mut me = MediaEngine::default();
         me.register_default_codecs()?;
         let registry = register_default_interceptors(Registry::new(), &mut me)?;
@@ -112,6 +116,9 @@ impl Peer {
             .with_setting_engine(
                 SettingEngineBuilder::new()
                     .with_include_loopback_candidate(true)
+                    // No mDNS socket: nothing here needs one, and a test
+                    // namespace has no multicast route to open it on.
+                    .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
                     .build(),
             )
             .with_handler(Arc::new(Handler {
@@ -120,7 +127,7 @@ impl Peer {
                 stats: stats.clone(),
                 shared,
             }))
-            .with_udp_addrs(vec!["127.0.0.1:0"])
+            .with_udp_addrs(vec![bind])
             .build()
             .await?;
         let pc: Arc<dyn PeerConnection> = Arc::new(pc);
@@ -173,31 +180,18 @@ impl Peer {
                 ssrc,
             });
         }
-        if locals.is_empty() {
-            // A client with nothing to send offers one recvonly m-line
-            // (docs/signaling.md): an offer needs at least one.
-            pc.add_transceiver_from_kind(
-                RtpCodecKind::Audio,
-                Some(RTCRtpTransceiverInit {
-                    direction: RTCRtpTransceiverDirection::Recvonly,
-                    streams: vec![],
-                    send_encodings: vec![],
-                }),
-            )
-            .await?;
-        }
         Ok(Peer {
             pc,
             stats,
             sent: Arc::default(),
             connected,
-            locals,
+            locals: Mutex::new(locals),
         })
     }
 
     /// Starts sending generated media as publisher `index` once connected.
-    pub fn start_publishing(&mut self, index: u32, shared: Arc<Shared>) {
-        for track in self.locals.drain(..) {
+    pub fn start_publishing(&self, index: u32, shared: Arc<Shared>) {
+        for track in self.locals.lock().unwrap().drain(..) {
             tokio::spawn(publish(
                 track,
                 index,
@@ -206,6 +200,39 @@ impl Peer {
                 shared.clone(),
             ));
         }
+    }
+
+    /// One recvonly audio m-line, for a client with nothing to send that
+    /// makes the offer (an offer needs at least one m-line).
+    pub async fn add_recvonly_audio(&self) -> anyhow::Result<()> {
+        self.pc
+            .add_transceiver_from_kind(
+                RtpCodecKind::Audio,
+                Some(RTCRtpTransceiverInit {
+                    direction: RTCRtpTransceiverDirection::Recvonly,
+                    streams: vec![],
+                    send_encodings: vec![],
+                }),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Answers a remote offer.
+    pub async fn answer(&self, offer_sdp: String) -> anyhow::Result<String> {
+        self.pc
+            .set_remote_description(RTCSessionDescription::offer(offer_sdp)?)
+            .await?;
+        let answer = self.pc.create_answer(None).await?;
+        self.pc.set_local_description(answer).await?;
+        Ok(self.pc.local_description().await.context("answer")?.sdp)
+    }
+
+    pub async fn accept_answer(&self, answer_sdp: String) -> anyhow::Result<()> {
+        self.pc
+            .set_remote_description(RTCSessionDescription::answer(answer_sdp)?)
+            .await?;
+        Ok(())
     }
 
     pub fn is_connected(&self) -> bool {

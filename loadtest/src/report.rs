@@ -18,7 +18,7 @@ pub struct Report {
     pub window_s: f64,
     pub packets: Packets,
     /// `None` when no server process was given to sample.
-    pub server: Option<Server>,
+    pub server: Option<ServerUsage>,
     pub generator: Generator,
     pub latency_ms: Percentiles,
     pub loss: Loss,
@@ -60,7 +60,7 @@ pub struct Packets {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Server {
+pub struct ServerUsage {
     pub pids: Vec<u32>,
     pub cpu_s: f64,
     /// Of one core.

@@ -2,8 +2,9 @@
 //! steady window while sampling the server, stop, drain, and report.
 
 use crate::confer::{Participant, Tokens};
+use crate::janus;
 use crate::media::{self, Kind, VideoShape};
-use crate::peer::{Publish, Shared};
+use crate::peer::{Peer, Publish, Shared};
 use crate::process::{self, Usage};
 use crate::report::*;
 use crate::stats::{self, Counters, Sent, Subscriber};
@@ -73,13 +74,98 @@ impl Plan {
     }
 }
 
+/// Which server, and how to reach it.
+pub enum Server {
+    /// `base` is `http://host:port` of Confer's signaling.
+    Confer { base: String, tokens: Tokens },
+    /// `url` is the `ws://host:port` of Janus's WebSocket transport.
+    Janus { url: String },
+}
+
 /// Where the participants go.
 pub struct Target {
-    /// `http://host:port` of Confer's signaling.
-    pub base: String,
-    pub tokens: Tokens,
+    pub server: Server,
     /// Server processes to sample (one, or one per role when split).
     pub pids: Vec<u32>,
+}
+
+impl Target {
+    pub fn name(&self) -> &'static str {
+        match self.server {
+            Server::Confer { .. } => "confer",
+            Server::Janus { .. } => "janus",
+        }
+    }
+}
+
+/// A joined participant, on either server.
+enum Conn {
+    Confer(Participant),
+    Janus(janus::Participant, bool),
+}
+
+impl Conn {
+    /// The peer that receives the others' media.
+    fn receiving(&self) -> &Arc<Peer> {
+        match self {
+            Conn::Confer(p) => &p.peer,
+            Conn::Janus(p, _) => &p.subscriber,
+        }
+    }
+
+    /// The peer that publishes.
+    fn sending(&self) -> &Arc<Peer> {
+        match self {
+            Conn::Confer(p) => &p.peer,
+            Conn::Janus(p, _) => &p.publisher,
+        }
+    }
+
+    fn is_connected(&self) -> bool {
+        match self {
+            Conn::Confer(p) => p.peer.is_connected(),
+            Conn::Janus(p, publishes) => {
+                p.subscriber.is_connected() && (!publishes || p.publisher.is_connected())
+            }
+        }
+    }
+
+    async fn leave(&self) {
+        match self {
+            Conn::Confer(p) => p.leave().await,
+            Conn::Janus(p, _) => p.leave().await,
+        }
+    }
+}
+
+async fn join(
+    server: &Server,
+    http: &reqwest::Client,
+    (room, name): (&str, &str),
+    publish: Publish,
+    other_publishers: usize,
+    started_us: u64,
+    shared: Arc<Shared>,
+) -> anyhow::Result<Conn> {
+    Ok(match server {
+        Server::Confer { base, tokens } => {
+            let token = tokens.get(http, base, name, room).await?;
+            Conn::Confer(Participant::join(base, &token, name, publish, started_us, shared).await?)
+        }
+        Server::Janus { url } => Conn::Janus(
+            janus::Participant::join(
+                url,
+                room,
+                name,
+                publish,
+                other_publishers,
+                started_us,
+                shared,
+            )
+            .await?,
+            publish != Publish::Nothing,
+        ),
+    })
 }
 
 struct Member {
@@ -88,7 +174,7 @@ struct Member {
     publisher: Option<u32>,
     stats: Arc<Mutex<Subscriber>>,
     sent: Arc<Sent>,
-    participant: Participant,
+    conn: Conn,
 }
 
 #[derive(Clone, Copy)]
@@ -128,7 +214,12 @@ fn percent(cpu: Duration, over: Duration) -> f64 {
     cpu.as_secs_f64() / over.as_secs_f64().max(1e-9) * 100.0
 }
 
-pub async fn run(plan: &Plan, target: &Target, progress: bool) -> anyhow::Result<Report> {
+pub async fn run(
+    plan: &Plan,
+    target: Arc<Target>,
+    bind_ip: std::net::IpAddr,
+    progress: bool,
+) -> anyhow::Result<Report> {
     let (stop_tx, stop) = watch::channel(false);
     let shared = Arc::new(Shared {
         counters: Counters::default(),
@@ -138,9 +229,11 @@ pub async fn run(plan: &Plan, target: &Target, progress: bool) -> anyhow::Result
             ..VideoShape::default()
         },
         stop,
+        bind_ip,
     });
     let http = reqwest::Client::new();
     let baseline = snapshot(&target.pids, &shared.counters);
+    let target = &target;
     let run_id: u32 = rand::random();
     let members: Arc<Mutex<Vec<Member>>> = Default::default();
     let errors: Arc<Mutex<Vec<String>>> = Default::default();
@@ -174,28 +267,34 @@ pub async fn run(plan: &Plan, target: &Target, progress: bool) -> anyhow::Result
             members.clone(),
             errors.clone(),
         );
-        let (base, tokens) = (target.base.clone(), target.tokens.clone());
+        let target = target.clone();
         let room_id = format!("load-{run_id:08x}-{room}");
+        let other_publishers = plan.publishers - usize::from(publisher.is_some());
         joins.push(tokio::spawn(async move {
             let name = format!("p{i}");
             let started_us = media::clock();
-            let joined = async {
-                let token = tokens.get(&http, &base, &name, &room_id).await?;
-                Participant::join(&base, &token, &name, publish, started_us, shared.clone()).await
-            }
+            let joined = join(
+                &target.server,
+                &http,
+                (&room_id, &name),
+                publish,
+                other_publishers,
+                started_us,
+                shared.clone(),
+            )
             .await;
             match joined {
-                Ok(mut participant) => {
+                Ok(conn) => {
                     if let Some(index) = publisher {
-                        participant.peer.start_publishing(index, shared.clone());
+                        conn.sending().start_publishing(index, shared.clone());
                     }
                     shared.counters.joined.fetch_add(1, Ordering::Relaxed);
                     members.lock().unwrap().push(Member {
                         room,
                         publisher,
-                        stats: participant.peer.stats.clone(),
-                        sent: participant.peer.sent.clone(),
-                        participant,
+                        stats: conn.receiving().stats.clone(),
+                        sent: conn.sending().sent.clone(),
+                        conn,
                     });
                 }
                 Err(e) => {
@@ -218,7 +317,7 @@ pub async fn run(plan: &Plan, target: &Target, progress: bool) -> anyhow::Result
             .lock()
             .unwrap()
             .iter()
-            .all(|m| m.participant.peer.is_connected())
+            .all(|m| m.conn.is_connected())
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -238,7 +337,7 @@ pub async fn run(plan: &Plan, target: &Target, progress: bool) -> anyhow::Result
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let members = std::mem::take(&mut *members.lock().unwrap());
     for m in &members {
-        m.participant.leave().await;
+        m.conn.leave().await;
     }
 
     let errors = errors.lock().unwrap().clone();
@@ -399,7 +498,7 @@ fn assemble(
     let server = w0.server.zip(w1.server).map(|(a, b)| {
         let cpu = b.cpu.saturating_sub(a.cpu);
         let base_rss = baseline.server.map_or(0, |u| u.rss_bytes);
-        Server {
+        ServerUsage {
             pids: target.pids.clone(),
             cpu_s: cpu.as_secs_f64(),
             cpu_percent: percent(cpu, window),
@@ -415,7 +514,7 @@ fn assemble(
     joins.sort_unstable();
     Report {
         schema: SCHEMA,
-        target: "confer".into(),
+        target: target.name().into(),
         scenario: plan.scenario.clone(),
         machine: process::machine(),
         plan: PlanReport {
