@@ -257,28 +257,13 @@ impl Participant {
             }
         }
 
-        let sub_handle = session.attach().await?;
-        let streams: Vec<Value> = known.iter().map(|id| json!({"feed": id})).collect();
-        let v = session
-            .message(
-                sub_handle,
-                json!({"request": "join", "ptype": "subscriber", "room": room, "streams": streams}),
-                None,
-            )
-            .await?;
-        let offer = v["jsep"]["sdp"].as_str().context("no offer to subscribe")?;
-        let (cand_tx, cand_rx) = mpsc::unbounded_channel();
-        let subscriber =
-            Arc::new(Peer::new(Publish::Nothing, name, started_us, shared, cand_tx).await?);
-        session.trickle(sub_handle, cand_rx);
-        let answer = subscriber.answer(offer.to_owned()).await?;
-        session
-            .message(
-                sub_handle,
-                json!({"request": "start"}),
-                Some(json!({"type": "answer", "sdp": answer})),
-            )
-            .await?;
+        let subscriber = if feeds == 0 {
+            // Nobody else publishes (a webinar's speaker): nothing to
+            // subscribe to, and the publishing peer stands in, receiving nothing.
+            publisher.clone()
+        } else {
+            subscribe(&session, room, name, &known, started_us, shared).await?
+        };
         // Later events (publishers leaving at the end) need no answer.
         tokio::spawn(async move { while events.recv().await.is_some() {} });
         Ok(Participant {
@@ -298,6 +283,40 @@ impl Participant {
         let _ = self.publisher.pc.close().await;
         let _ = self.subscriber.pc.close().await;
     }
+}
+
+/// One multistream subscriber handle for all of `feeds`: Janus offers, we answer.
+async fn subscribe(
+    session: &Session,
+    room: u64,
+    name: &str,
+    feeds: &BTreeSet<u64>,
+    started_us: u64,
+    shared: Arc<Shared>,
+) -> anyhow::Result<Arc<Peer>> {
+    let sub_handle = session.attach().await?;
+    let streams: Vec<Value> = feeds.iter().map(|id| json!({"feed": id})).collect();
+    let v = session
+        .message(
+            sub_handle,
+            json!({"request": "join", "ptype": "subscriber", "room": room, "streams": streams}),
+            None,
+        )
+        .await?;
+    let offer = v["jsep"]["sdp"].as_str().context("no offer to subscribe")?;
+    let (cand_tx, cand_rx) = mpsc::unbounded_channel();
+    let subscriber =
+        Arc::new(Peer::new(Publish::Nothing, name, started_us, shared, cand_tx).await?);
+    session.trickle(sub_handle, cand_rx);
+    let answer = subscriber.answer(offer.to_owned()).await?;
+    session
+        .message(
+            sub_handle,
+            json!({"request": "start"}),
+            Some(json!({"type": "answer", "sdp": answer})),
+        )
+        .await?;
+    Ok(subscriber)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ pub const SCHEMA: &str = "confer-load/1";
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub schema: &'static str,
-    /// `confer`, later also `janus` or `bare`.
+    /// `confer` or `janus`.
     pub target: String,
     pub scenario: String,
     pub machine: Machine,
