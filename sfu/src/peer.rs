@@ -207,7 +207,8 @@ async fn build_pc(
     // socket fails with ENODEV where there is no multicast route, as in many
     // containers: every join was refused there.
     let mut settings = SettingEngineBuilder::new()
-        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled);
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+        .with_answering_dtls_role(rtc::peer_connection::transport::RTCDtlsRole::Server);
     if config.ice_ip.is_loopback() {
         settings = settings.with_include_loopback_candidate(true);
     }
