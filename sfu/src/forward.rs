@@ -186,6 +186,30 @@ impl Rewriter {
     }
 }
 
+/// RFC 6464 level of digital silence: what a muted microphone sends.
+pub const SILENT: u8 = 127;
+
+/// Muted microphones still send 50 packets/s of digital silence; in a large
+/// room that is most of the audio. Those packets are not forwarded, and the
+/// ones after are renumbered so every receiver sees a contiguous sequence
+/// with a timestamp jump, as after Opus DTX, rather than a loss.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SilenceFilter {
+    dropped: u16,
+}
+
+impl SilenceFilter {
+    /// Whether to forward `pkt` with the given audio level; renumbers it if so.
+    pub fn admit(&mut self, pkt: &mut rtp::Packet, level: Option<u8>) -> bool {
+        if level == Some(SILENT) {
+            self.dropped = self.dropped.wrapping_add(1);
+            return false;
+        }
+        pkt.header.sequence_number = pkt.header.sequence_number.wrapping_sub(self.dropped);
+        true
+    }
+}
+
 /// Reads the RFC 6464 level from an audio packet: 0 (loudest) to 127 dBov
 /// below, with the voice-activity flag. None when the extension is absent.
 pub fn audio_level(pkt: &rtp::Packet, ext_id: u8) -> Option<(u8, bool)> {
@@ -201,6 +225,27 @@ pub fn audio_level(pkt: &rtp::Packet, ext_id: u8) -> Option<(u8, bool)> {
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    #[test]
+    fn silence_is_dropped_and_what_follows_stays_contiguous() {
+        let mut f = SilenceFilter::default();
+        let mut out = Vec::new();
+        // Speech, then a muted stretch across the sequence wrap, then speech.
+        let levels = [30, 30, 127, 127, 127, 40, 127, 50];
+        for (i, level) in levels.into_iter().enumerate() {
+            let mut p = pkt(1, 65534u16.wrapping_add(i as u16), 960 * i as u32);
+            if f.admit(&mut p, Some(level)) {
+                out.push((p.header.sequence_number, p.header.timestamp));
+            }
+        }
+        assert_eq!(
+            out,
+            vec![(65534, 0), (65535, 960), (0, 960 * 5), (1, 960 * 7)]
+        );
+        // Without the extension nothing is judged silent.
+        let mut p = pkt(1, 7, 0);
+        assert!(f.admit(&mut p, None));
+    }
 
     fn pkt(ssrc: u32, seq: u16, ts: u32) -> rtp::Packet {
         rtp::Packet {

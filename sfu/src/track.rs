@@ -6,7 +6,7 @@
 //! One task per receiver rewrites and sends. The receiver list is swapped
 //! whole on change (`ArcSwap`), so the per-packet read takes no lock.
 
-use crate::forward::{AUDIO_LEVEL_URI, ExtensionMap, Rewriter, audio_level};
+use crate::forward::{AUDIO_LEVEL_URI, ExtensionMap, Rewriter, SilenceFilter, audio_level};
 use crate::keyframe::{Decision, Limiter, is_keyframe_request};
 use crate::peer::Participant;
 use crate::tap::{TapSender, Tapped};
@@ -138,9 +138,10 @@ impl Published {
             .iter()
             .find(|(u, _)| u == AUDIO_LEVEL_URI)
             .map_or(0, |(_, id)| *id as u8);
+        let mut silence = SilenceFilter::default();
         while let Some(evt) = self.remote.poll().await {
             match evt {
-                TrackRemoteEvent::OnRtpPacket(pkt) => {
+                TrackRemoteEvent::OnRtpPacket(mut pkt) => {
                     let arrived = Instant::now();
                     self.packets.fetch_add(1, Ordering::Relaxed);
                     if self
@@ -150,7 +151,8 @@ impl Published {
                     {
                         continue;
                     }
-                    if let Some((level, _voice)) = audio_level(&pkt, level_id) {
+                    let level = audio_level(&pkt, level_id).map(|(level, _voice)| level);
+                    if let Some(level) = level {
                         self.update_loudness(level);
                     }
                     if let Some(tap) = &*self.tap.load() {
@@ -159,6 +161,11 @@ impl Published {
                             at: arrived,
                             packet: pkt.clone(),
                         });
+                    }
+                    // After the tap: the recording keeps its timeline from the
+                    // publisher's own numbering.
+                    if !silence.admit(&mut pkt, level) {
+                        continue;
                     }
                     for r in self.receivers.load().iter() {
                         if r.queue.try_send(Feed::Rtp(pkt.clone(), arrived)).is_err() {
