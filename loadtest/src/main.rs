@@ -42,6 +42,9 @@ struct Cli {
     /// Receive-only participants per room.
     #[arg(long)]
     subscribers: Option<usize>,
+    /// Publishers per room that talk; the rest are muted (default: all talk).
+    #[arg(long)]
+    speakers: Option<usize>,
     /// Publish audio only.
     #[arg(long)]
     audio_only: bool,
@@ -87,6 +90,7 @@ fn plan(cli: &Cli) -> anyhow::Result<Plan> {
     p.rooms = cli.rooms.unwrap_or(p.rooms);
     p.publishers = cli.publishers.unwrap_or(p.publishers);
     p.subscribers = cli.subscribers.unwrap_or(p.subscribers);
+    p.speakers = cli.speakers.or(p.speakers);
     p.video &= !cli.audio_only;
     p.video_shape_bps = cli.video_bitrate.unwrap_or(p.video_shape_bps);
     if let Some(k) = cli.keyframe_interval {

@@ -7,6 +7,8 @@ use crate::stats::{Counters, Sent, Subscriber};
 use anyhow::Context;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp;
+use rtc::rtp::extension::HeaderExtension;
+use rtc::rtp::extension::audio_level_extension::AudioLevelExtension;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
@@ -23,6 +25,11 @@ use webrtc::peer_connection::{
     register_default_interceptors,
 };
 use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit, RtpSender};
+
+const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
+/// RFC 6464 levels (−dBov): ordinary speech, and the digital silence of a muted microphone.
+const SPEAKING_LEVEL: u8 = 30;
+const SILENT_LEVEL: u8 = 127;
 
 /// What a participant publishes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +115,14 @@ impl Peer {
         let bind = std::net::SocketAddr::new(shared.bind_ip, 0).to_string();
         let mut me = MediaEngine::default();
         me.register_default_codecs()?;
+        // Audio levels, as browsers send them: a muted microphone sends level 127.
+        me.register_header_extension(
+            rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability {
+                uri: AUDIO_LEVEL_URI.to_owned(),
+            },
+            RtpCodecKind::Audio,
+            None,
+        )?;
         let registry = register_default_interceptors(Registry::new(), &mut me)?;
         let pc = PeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
@@ -189,12 +204,13 @@ impl Peer {
         })
     }
 
-    /// Starts sending generated media as publisher `index` once connected.
-    pub fn start_publishing(&self, index: u32, shared: Arc<Shared>) {
+    /// Starts sending generated media as publisher `index` once connected;
+    /// `speaking` or muted (audio at level 127, as a browser sends it).
+    pub fn start_publishing(&self, index: u32, speaking: bool, shared: Arc<Shared>) {
         for track in self.locals.lock().unwrap().drain(..) {
             tokio::spawn(publish(
                 track,
-                index,
+                (index, speaking),
                 self.connected.clone(),
                 self.sent.clone(),
                 shared.clone(),
@@ -255,7 +271,7 @@ struct Track {
 
 async fn publish(
     t: Track,
-    index: u32,
+    (index, speaking): (u32, bool),
     connected: Arc<AtomicBool>,
     sent: Arc<Sent>,
     shared: Arc<Shared>,
@@ -326,7 +342,22 @@ async fn publish(
                 },
                 payload: payload.into(),
             };
-            if t.local.write_rtp(pkt).await.is_err() {
+            let written = if t.kind == Kind::Audio {
+                let level = AudioLevelExtension {
+                    level: if speaking {
+                        SPEAKING_LEVEL
+                    } else {
+                        SILENT_LEVEL
+                    },
+                    voice: speaking,
+                };
+                t.local
+                    .write_rtp_with_extensions(pkt, &[HeaderExtension::AudioLevel(level)])
+                    .await
+            } else {
+                t.local.write_rtp(pkt).await
+            };
+            if written.is_err() {
                 return;
             }
             sent.record(t.kind, counter);

@@ -33,6 +33,8 @@ pub struct PlanReport {
     pub rooms: usize,
     pub publishers_per_room: usize,
     pub subscribers_per_room: usize,
+    /// Publishers per room that talk; `null`: all of them.
+    pub speakers_per_room: Option<usize>,
     pub video: bool,
     pub video_bitrate_bps: u64,
     pub duration_s: f64,

@@ -22,6 +22,9 @@ pub struct Plan {
     pub publishers: usize,
     /// Per room, receive only.
     pub subscribers: usize,
+    /// Publishers per room that talk; the others are muted, sending the
+    /// digital silence a browser sends (`None`: everyone talks).
+    pub speakers: Option<usize>,
     pub video: bool,
     pub video_shape_bps: u64,
     pub keyframe_every: Duration,
@@ -39,6 +42,7 @@ impl Plan {
             rooms: 1,
             publishers: 10,
             subscribers: 0,
+            speakers: None,
             video: true,
             video_shape_bps: 1_200_000,
             keyframe_every: Duration::from_secs(3),
@@ -55,6 +59,8 @@ impl Plan {
             },
             "audio-100" => Plan {
                 publishers: 100,
+                // As in a real large meeting: a few talk, the rest are muted.
+                speakers: Some(3),
                 video: false,
                 ramp_per_s: 20.0,
                 ..base
@@ -172,6 +178,7 @@ struct Member {
     room: usize,
     /// Publisher index, when it publishes.
     publisher: Option<u32>,
+    speaking: bool,
     stats: Arc<Mutex<Subscriber>>,
     sent: Arc<Sent>,
     conn: Conn,
@@ -256,6 +263,7 @@ pub async fn run(
         ramp.tick().await;
         let (room, slot) = (i / per_room, i % per_room);
         let publisher = (slot < plan.publishers).then_some(i as u32);
+        let speaking = slot < plan.speakers.unwrap_or(plan.publishers);
         let publish = match (publisher, plan.video) {
             (None, _) => Publish::Nothing,
             (Some(_), false) => Publish::Audio,
@@ -286,12 +294,14 @@ pub async fn run(
             match joined {
                 Ok(conn) => {
                     if let Some(index) = publisher {
-                        conn.sending().start_publishing(index, shared.clone());
+                        conn.sending()
+                            .start_publishing(index, speaking, shared.clone());
                     }
                     shared.counters.joined.fetch_add(1, Ordering::Relaxed);
                     members.lock().unwrap().push(Member {
                         room,
                         publisher,
+                        speaking,
                         stats: conn.receiving().stats.clone(),
                         sent: conn.sending().sent.clone(),
                         conn,
@@ -417,9 +427,9 @@ fn assemble(
     };
 
     // Loss and completeness, against what each publisher actually sent.
-    let publishers: Vec<(usize, u32, &Arc<Sent>)> = members
+    let publishers: Vec<(usize, u32, bool, &Arc<Sent>)> = members
         .iter()
-        .filter_map(|m| m.publisher.map(|p| (m.room, p, &m.sent)))
+        .filter_map(|m| m.publisher.map(|p| (m.room, p, m.speaking, &m.sent)))
         .collect();
     let (mut expected, mut received, mut streams, mut missing) = (0, 0, 0, 0);
     let mut jitters = Vec::new();
@@ -428,11 +438,15 @@ fn assemble(
     let mut per_second: Vec<Vec<u32>> = vec![Vec::new(); timeline.len() + 2];
     for m in members {
         let sub = m.stats.lock().unwrap();
-        for &(room, p, sent) in &publishers {
+        for &(room, p, speaking, sent) in &publishers {
             if room != m.room || Some(p) == m.publisher {
                 continue;
             }
             for &k in kinds {
+                // A muted microphone's silence is not expected to arrive.
+                if k == Kind::Audio && !speaking {
+                    continue;
+                }
                 streams += 1;
                 match sub.streams.get(&(p, k)) {
                     Some(s) => {
@@ -521,6 +535,7 @@ fn assemble(
             rooms: plan.rooms,
             publishers_per_room: plan.publishers,
             subscribers_per_room: plan.subscribers,
+            speakers_per_room: plan.speakers,
             video: plan.video,
             video_bitrate_bps: plan.video_shape_bps,
             duration_s: plan.duration.as_secs_f64(),
