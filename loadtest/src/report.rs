@@ -108,6 +108,8 @@ pub struct Streams {
     pub expected: usize,
     /// Those of them that delivered nothing.
     pub missing: usize,
+    /// Muted publishers' audio that arrived anyway (silence a server forwarded).
+    pub unexpected: usize,
 }
 
 /// One second of the run, from the first join.
@@ -124,10 +126,12 @@ pub struct Sample {
 }
 
 impl Report {
-    /// Media reached everyone it should, and none was lost.
+    /// Media reached everyone it should, none was lost, and no muted
+    /// microphone's silence was forwarded.
     pub fn is_clean(&self) -> bool {
         self.participants.failed == 0
             && self.streams.missing == 0
+            && self.streams.unexpected == 0
             && self.loss.expected > 0
             && self.loss.received == self.loss.expected
     }
@@ -174,9 +178,10 @@ impl Report {
             self.join_ms.p50, self.join_ms.p95, self.join_ms.max
         );
         s += &format!(
-            "  streams        {} of {} delivered media; generator CPU {:.1} %\n",
+            "  streams        {} of {} delivered media, {} muted ones forwarded; generator CPU {:.1} %\n",
             self.streams.expected - self.streams.missing,
             self.streams.expected,
+            self.streams.unexpected,
             self.generator.cpu_percent
         );
         for e in &self.participants.errors {

@@ -432,6 +432,7 @@ fn assemble(
         .filter_map(|m| m.publisher.map(|p| (m.room, p, m.speaking, &m.sent)))
         .collect();
     let (mut expected, mut received, mut streams, mut missing) = (0, 0, 0, 0);
+    let mut unexpected = 0;
     let mut jitters = Vec::new();
     let mut latencies = Vec::new();
     let mut joins = Vec::new();
@@ -445,6 +446,7 @@ fn assemble(
             for &k in kinds {
                 // A muted microphone's silence is not expected to arrive.
                 if k == Kind::Audio && !speaking {
+                    unexpected += usize::from(sub.streams.contains_key(&(p, k)));
                     continue;
                 }
                 streams += 1;
@@ -579,6 +581,7 @@ fn assemble(
         streams: Streams {
             expected: streams,
             missing,
+            unexpected,
         },
         timeline,
     }
