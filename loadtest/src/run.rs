@@ -471,6 +471,7 @@ fn assemble(
             }
         }
         if let Some(j) = sub.join_us() {
+            tracing::debug!(publisher = ?m.publisher, room = m.room, join_ms = j / 1000, "joined");
             joins.push(j.min(u32::MAX as u64) as u32);
         }
     }
