@@ -20,6 +20,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -30,11 +31,12 @@ use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
     RTCConfigurationBuilder, RTCIceCandidateInit, RTCPeerConnectionIceEvent,
-    RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
+    RTCPeerConnectionState, RTCSdpType, RTCSessionDescription, Registry, SettingEngineBuilder,
     register_default_interceptors,
 };
 
 pub mod garage;
+pub mod lossy;
 pub mod radicale;
 
 pub fn init_logging() {
@@ -206,6 +208,18 @@ pub struct Client {
     /// Every signaling message received after `joined`, in order.
     pub events: Arc<Mutex<Vec<Value>>>,
     connected: Arc<Mutex<bool>>,
+    negotiation: Arc<Negotiation>,
+    dropped_video: Arc<AtomicUsize>,
+}
+
+/// The client's side of offer/answer: it is the polite peer.
+#[derive(Default)]
+struct Negotiation {
+    /// An offer made but not yet sent: the test releases it when the
+    /// server's offer arrives, so that the two cross on the wire.
+    held_offer: Mutex<Option<String>>,
+    /// How many times the client rolled its own offer back (glare).
+    rollbacks: AtomicUsize,
 }
 
 struct ClientHandler {
@@ -283,11 +297,54 @@ pub fn check_payload(p: &[u8]) -> Option<(u8, Kind, u32)> {
     (payload(p[1], kind, counter) == p).then_some((p[1], kind, counter))
 }
 
-fn client_media_engine() -> anyhow::Result<(MediaEngine, Registry)> {
+fn client_media_engine(
+    drop_video_every: Option<u32>,
+    dropped: &Arc<AtomicUsize>,
+) -> anyhow::Result<(MediaEngine, Registry)> {
     let mut me = MediaEngine::default();
     me.register_default_codecs()?;
-    let registry = register_default_interceptors(Registry::new(), &mut me)?;
+    let mut registry = register_default_interceptors(Registry::new(), &mut me)?;
+    if let Some(every) = drop_video_every {
+        // Nearest the wire, before the NACK generator sees what arrived.
+        registry = registry.with(
+            rtc::interceptor::Slot::from(500),
+            lossy::DropVideo::new(every, dropped.clone()),
+        );
+    }
     Ok((me, registry))
+}
+
+/// A local track publishing `kind` in `codec` (a MIME type) on `ssrc`.
+fn local_track(
+    name: &str,
+    track_id: &str,
+    kind: Kind,
+    codec: &str,
+    ssrc: u32,
+) -> Arc<TrackLocalStaticRTP> {
+    let (codec_kind, clock_rate, channels) = match kind {
+        Kind::Audio => (RtpCodecKind::Audio, 48000, 2),
+        Kind::Video => (RtpCodecKind::Video, 90000, 0),
+    };
+    Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        format!("{name}-stream"),
+        track_id.to_owned(),
+        format!("{name} {track_id}"),
+        codec_kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(ssrc),
+                ..Default::default()
+            },
+            codec: rtc::rtp_transceiver::rtp_sender::RTCRtpCodec {
+                mime_type: codec.into(),
+                clock_rate,
+                channels,
+                ..Default::default()
+            },
+            ..Default::default()
+        }],
+    )))
 }
 
 impl Client {
@@ -323,7 +380,38 @@ impl Client {
         index: u8,
         video_codec: Option<&str>,
     ) -> anyhow::Result<Client> {
-        Self::join_with_media(server, name, token, index, video_codec, Media::Synthetic).await
+        Self::join_with_media(
+            server,
+            name,
+            token,
+            index,
+            video_codec,
+            Media::Synthetic,
+            None,
+        )
+        .await
+    }
+
+    /// Joins publishing, and loses every `every`-th video packet it
+    /// receives (once: a resent copy gets through).
+    pub async fn join_dropping_video(
+        server: &TestServer,
+        name: &str,
+        room: &str,
+        index: u8,
+        every: u32,
+    ) -> anyhow::Result<Client> {
+        let token = server.token(name, room);
+        Self::join_with_media(
+            server,
+            name,
+            &token,
+            index,
+            Some("video/VP8"),
+            Media::Synthetic,
+            Some(every),
+        )
+        .await
     }
 
     /// Joins publishing real Opus (a tone) and VP8 (given frames).
@@ -341,6 +429,7 @@ impl Client {
             index,
             Some("video/VP8"),
             Media::Real(media),
+            None,
         )
         .await
     }
@@ -352,6 +441,7 @@ impl Client {
         index: u8,
         video_codec: Option<&str>,
         media: Media,
+        drop_video_every: Option<u32>,
     ) -> anyhow::Result<Client> {
         let publish = video_codec.is_some();
         let mut signal = Signal::connect(&server.ws_url()).await?;
@@ -369,7 +459,8 @@ impl Client {
             inbox: inbox.clone(),
             connected: connected.clone(),
         });
-        let (me, registry) = client_media_engine()?;
+        let dropped_video = Arc::new(AtomicUsize::new(0));
+        let (me, registry) = client_media_engine(drop_video_every, &dropped_video)?;
         let pc = PeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_media_engine(me)
@@ -387,39 +478,14 @@ impl Client {
 
         let mut locals = Vec::new();
         if publish {
-            for (kind, codec_kind) in [
-                (Kind::Audio, RtpCodecKind::Audio),
-                (Kind::Video, RtpCodecKind::Video),
-            ] {
+            for kind in [Kind::Audio, Kind::Video] {
                 let ssrc: u32 = rand::random();
-                let codec = if kind == Kind::Audio {
-                    rtc::rtp_transceiver::rtp_sender::RTCRtpCodec {
-                        mime_type: "audio/opus".into(),
-                        clock_rate: 48000,
-                        channels: 2,
-                        ..Default::default()
-                    }
-                } else {
-                    rtc::rtp_transceiver::rtp_sender::RTCRtpCodec {
-                        mime_type: video_codec.unwrap_or("video/VP8").into(),
-                        clock_rate: 90000,
-                        ..Default::default()
-                    }
+                let codec = match kind {
+                    Kind::Audio => "audio/opus",
+                    Kind::Video => video_codec.unwrap_or("video/VP8"),
                 };
-                let local = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-                    format!("{name}-stream"),
-                    format!("{name}-{kind:?}").to_lowercase(),
-                    format!("{name} {kind:?}"),
-                    codec_kind,
-                    vec![RTCRtpEncodingParameters {
-                        rtp_coding_parameters: RTCRtpCodingParameters {
-                            ssrc: Some(ssrc),
-                            ..Default::default()
-                        },
-                        codec,
-                        ..Default::default()
-                    }],
-                )));
+                let track_id = format!("{name}-{kind:?}").to_lowercase();
+                let local = local_track(name, &track_id, kind, codec, ssrc);
                 let sender = pc.add_track(local.clone() as Arc<dyn TrackLocal>).await?;
                 locals.push((kind, local, sender, ssrc));
             }
@@ -446,11 +512,13 @@ impl Client {
         signal.send(json!({"type": "offer", "sdp": sdp}));
 
         let events: Arc<Mutex<Vec<Value>>> = Default::default();
+        let negotiation = Arc::new(Negotiation::default());
         tokio::spawn(signal_loop(
             signal.rx,
             signal.tx.clone(),
             pc.clone(),
             events.clone(),
+            negotiation.clone(),
         ));
         for (kind, local, sender, ssrc) in locals {
             tokio::spawn(send_media(
@@ -472,7 +540,53 @@ impl Client {
             inbox,
             events,
             connected,
+            negotiation,
+            dropped_video,
         })
+    }
+
+    /// Starts publishing one more synthetic video track (payloads carry
+    /// `index`) and makes the offer for it, but holds that offer back until
+    /// the server's next offer arrives: then both offers cross, as when two
+    /// sides offer at the same moment.
+    pub async fn hold_offer_with_video(&self, index: u8) -> anyhow::Result<()> {
+        let ssrc: u32 = rand::random();
+        let local = local_track(&self.name, "extra-video", Kind::Video, "video/VP8", ssrc);
+        let init = webrtc::rtp_transceiver::RTCRtpTransceiverInit {
+            direction: webrtc::rtp_transceiver::RTCRtpTransceiverDirection::Sendonly,
+            streams: vec![],
+            send_encodings: vec![],
+        };
+        let transceiver = self
+            .pc
+            .add_transceiver_from_track(local.clone() as Arc<dyn TrackLocal>, Some(init))
+            .await?;
+        let sender = transceiver.sender().await?.context("no sender")?;
+        let offer = self.pc.create_offer(None).await?;
+        self.pc.set_local_description(offer).await?;
+        let sdp = self.pc.local_description().await.context("offer")?.sdp;
+        *self.negotiation.held_offer.lock().unwrap() = Some(sdp);
+        tokio::spawn(send_media(
+            index,
+            Kind::Video,
+            local,
+            sender,
+            ssrc,
+            self.connected.clone(),
+            Media::Synthetic,
+        ));
+        Ok(())
+    }
+
+    /// How often this client rolled back its own offer because the
+    /// server's crossed it.
+    pub fn rollbacks(&self) -> usize {
+        self.negotiation.rollbacks.load(Ordering::Relaxed)
+    }
+
+    /// How many received video packets the lossy hop dropped.
+    pub fn dropped_video(&self) -> usize {
+        self.dropped_video.load(Ordering::Relaxed)
     }
 
     pub fn is_connected(&self) -> bool {
@@ -543,7 +657,11 @@ async fn signal_loop(
     tx: mpsc::UnboundedSender<Message>,
     pc: Arc<dyn PeerConnection>,
     events: Arc<Mutex<Vec<Value>>>,
+    negotiation: Arc<Negotiation>,
 ) {
+    let send = |v: Value| {
+        let _ = tx.send(Message::Text(v.to_string().into()));
+    };
     while let Some(v) = rx.recv().await {
         let ty = v["type"].as_str().unwrap_or("").to_owned();
         let result: anyhow::Result<()> = async {
@@ -554,14 +672,32 @@ async fn signal_loop(
                         .await?;
                 }
                 "offer" => {
+                    if let Some(held) = negotiation.held_offer.lock().unwrap().take() {
+                        send(json!({"type": "offer", "sdp": held}));
+                    }
+                    let glare = pc
+                        .pending_local_description()
+                        .await
+                        .is_some_and(|d| d.sdp_type == RTCSdpType::Offer);
+                    if glare {
+                        // Polite peer: ours yields, and is made again below.
+                        pc.set_local_description(RTCSessionDescription::rollback(None)?)
+                            .await?;
+                        negotiation.rollbacks.fetch_add(1, Ordering::Relaxed);
+                    }
                     let sdp = v["sdp"].as_str().context("sdp")?.to_owned();
                     pc.set_remote_description(RTCSessionDescription::offer(sdp)?)
                         .await?;
                     let answer = pc.create_answer(None).await?;
                     pc.set_local_description(answer).await?;
                     let sdp = pc.local_description().await.context("answer")?.sdp;
-                    let msg = json!({"type": "answer", "sdp": sdp});
-                    let _ = tx.send(Message::Text(msg.to_string().into()));
+                    send(json!({"type": "answer", "sdp": sdp}));
+                    if glare {
+                        let offer = pc.create_offer(None).await?;
+                        pc.set_local_description(offer).await?;
+                        let sdp = pc.local_description().await.context("offer")?.sdp;
+                        send(json!({"type": "offer", "sdp": sdp}));
+                    }
                 }
                 "candidate" => {
                     let c: RTCIceCandidateInit = serde_json::from_value(v["candidate"].clone())?;
@@ -630,6 +766,10 @@ async fn send_media(
             payload: payload(index, kind, counter),
         };
         if local.write_rtp(pkt).await.is_err() {
+            // A track added later is not bound until its offer is answered.
+            if counter == 0 && started.elapsed() < Duration::from_secs(60) {
+                continue;
+            }
             return;
         }
         counter += 1;
