@@ -8,6 +8,8 @@
 //! - [`peer`]: a participant's peer connection, publishing and receiving.
 //! - [`confer`]: joining a Confer room (tokens, the WebSocket protocol).
 //! - [`janus`]: the same against Janus's VideoRoom, for comparison.
+//! - [`probe`]: the bare-limit forwarder (SRTP in, SRTP out, nothing else)
+//!   and its participants: the cost of the work itself.
 //! - [`stats`]: loss, jitter and latency as subscribers see them.
 //! - [`process`]: CPU time and memory from /proc; the machine.
 //! - [`run`]: one run of a [`run::Plan`], from ramp-up to the report.
@@ -18,6 +20,7 @@ pub mod janus;
 pub mod media;
 pub mod peer;
 pub mod plot;
+pub mod probe;
 pub mod process;
 pub mod report;
 pub mod run;

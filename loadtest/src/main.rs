@@ -18,12 +18,20 @@ struct Cli {
     /// meeting-10, webinar, audio-100 or many-rooms; the flags below adjust it.
     #[arg(long, default_value = "meeting-10")]
     scenario: String,
-    /// Confer's HTTP address, or with --janus Janus's WebSocket (ws://host:port).
+    /// Confer's HTTP address; with --janus Janus's WebSocket (ws://host:port);
+    /// with --probe the probe forwarder's udp://host:port.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
     /// The server is Janus (VideoRoom plugin), not Confer.
     #[arg(long)]
     janus: bool,
+    /// The server is the bare-limit probe forwarder at --url (udp://host:port).
+    #[arg(long, conflicts_with = "janus")]
+    probe: bool,
+    /// Run the bare-limit probe forwarder on this UDP address instead of a
+    /// load; it prints `probe forwarding on ADDR` and runs until killed.
+    #[arg(long, value_name = "ADDR")]
+    probe_forward: Option<std::net::SocketAddr>,
     /// Address the simulated peers bind to.
     #[arg(long, default_value = "127.0.0.1")]
     bind_ip: std::net::IpAddr,
@@ -119,10 +127,23 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(listen) = cli.probe_forward {
+        let socket = confer_loadtest::probe::bind(listen)
+            .with_context(|| format!("--probe-forward: cannot bind {listen}"))?;
+        println!("probe forwarding on {}", socket.local_addr()?);
+        return confer_loadtest::probe::forward(socket);
+    }
     let plan = plan(&cli)?;
     let url = cli.url.trim_end_matches('/').to_owned();
     let server = if cli.janus {
         Server::Janus { url }
+    } else if cli.probe {
+        let addr = url.strip_prefix("udp://").unwrap_or(&url);
+        Server::Probe {
+            addr: addr
+                .parse()
+                .with_context(|| format!("--url: {url:?} is not udp://host:port"))?,
+        }
     } else {
         Server::Confer {
             base: url,

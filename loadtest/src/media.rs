@@ -3,6 +3,7 @@
 //! tell who sent it, which packet it is, and when it left.
 
 use rand::Rng;
+use rtc::rtp;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -156,6 +157,116 @@ impl VideoShape {
                 p
             })
             .collect()
+    }
+}
+
+/// RFC 6464 audio levels (−dBov): ordinary speech, and the digital silence
+/// of a muted microphone.
+pub const SPEAKING_LEVEL: u8 = 30;
+pub const SILENT_LEVEL: u8 = 127;
+
+/// One published track's generated media, whatever carries it: the RTP
+/// packets due at each tick, each stamped with its [`Marker`].
+pub struct TrackSource {
+    pub kind: Kind,
+    publisher: u32,
+    speaking: bool,
+    ssrc: u32,
+    payload_type: u8,
+    rtp_seq: u16,
+    timestamp: u32,
+    counter: u32,
+    frame: u64,
+    // ThreadRng cannot cross an await.
+    rng: rand::rngs::StdRng,
+}
+
+impl TrackSource {
+    pub fn new(
+        kind: Kind,
+        (publisher, speaking): (u32, bool),
+        ssrc: u32,
+        payload_type: u8,
+    ) -> TrackSource {
+        TrackSource {
+            kind,
+            publisher,
+            speaking,
+            ssrc,
+            payload_type,
+            rtp_seq: rand::random(),
+            timestamp: rand::random(),
+            counter: 0,
+            frame: 0,
+            rng: <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng(),
+        }
+    }
+
+    /// Time between two ticks: one audio frame, or one video frame.
+    pub fn interval(&self, video: &VideoShape) -> Duration {
+        match self.kind {
+            Kind::Audio => AUDIO_INTERVAL,
+            Kind::Video => video.frame_interval(),
+        }
+    }
+
+    /// The RFC 6464 level this track's audio carries: speech, or a muted
+    /// microphone's silence.
+    pub fn audio_level(&self) -> u8 {
+        if self.speaking {
+            SPEAKING_LEVEL
+        } else {
+            SILENT_LEVEL
+        }
+    }
+
+    pub fn is_speaking(&self) -> bool {
+        self.speaking
+    }
+
+    /// This tick's packets, each with its marker counter, stamped now.
+    pub fn next_packets(&mut self, video: &VideoShape) -> Vec<(u32, rtp::Packet)> {
+        let (payloads, ts_step) = match self.kind {
+            Kind::Audio => (vec![audio_payload()], AUDIO_TS_STEP),
+            Kind::Video => {
+                let key = video.is_keyframe(self.frame);
+                let size = video.frame_size(self.frame, &mut self.rng);
+                self.frame += 1;
+                (video.packetize(size, key, &mut self.rng), video.ts_step())
+            }
+        };
+        let last = payloads.len() - 1;
+        let mut out = Vec::with_capacity(payloads.len());
+        for (i, mut payload) in payloads.into_iter().enumerate() {
+            let at = payload.len() - MARKER_LEN;
+            let marker = Marker {
+                publisher: self.publisher,
+                kind: self.kind,
+                seq: self.counter,
+                sent_us: clock(),
+            };
+            marker.write((&mut payload[at..]).try_into().expect("marker length"));
+            let header = rtp::header::Header {
+                version: 2,
+                marker: self.kind == Kind::Video && i == last,
+                payload_type: self.payload_type,
+                sequence_number: self.rtp_seq,
+                timestamp: self.timestamp,
+                ssrc: self.ssrc,
+                ..Default::default()
+            };
+            out.push((
+                self.counter,
+                rtp::Packet {
+                    header,
+                    payload: payload.into(),
+                },
+            ));
+            self.counter += 1;
+            self.rtp_seq = self.rtp_seq.wrapping_add(1);
+        }
+        self.timestamp = self.timestamp.wrapping_add(ts_step);
+        out
     }
 }
 

@@ -2,11 +2,10 @@
 //! a peer connection on loopback that publishes generated media and feeds
 //! everything it receives into its [`Subscriber`] measurements.
 
-use crate::media::{self, AUDIO_INTERVAL, AUDIO_TS_STEP, Kind, MARKER_LEN, Marker, VideoShape};
+use crate::media::{self, Kind, Marker, TrackSource, VideoShape};
 use crate::stats::{Counters, Sent, Subscriber};
 use anyhow::Context;
 use rtc::media_stream::MediaStreamTrack;
-use rtc::rtp;
 use rtc::rtp::extension::HeaderExtension;
 use rtc::rtp::extension::audio_level_extension::AudioLevelExtension;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -27,9 +26,6 @@ use webrtc::peer_connection::{
 use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit, RtpSender};
 
 const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
-/// RFC 6464 levels (−dBov): ordinary speech, and the digital silence of a muted microphone.
-const SPEAKING_LEVEL: u8 = 30;
-const SILENT_LEVEL: u8 = 127;
 
 /// What a participant publishes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -291,65 +287,19 @@ async fn publish(
         .codecs
         .first()
         .map_or(96, |c| c.payload_type);
-    let interval = match t.kind {
-        Kind::Audio => AUDIO_INTERVAL,
-        Kind::Video => shared.video.frame_interval(),
-    };
-    let mut tick = tokio::time::interval(interval);
+    let mut source = TrackSource::new(t.kind, (index, speaking), t.ssrc, pt);
+    let mut tick = tokio::time::interval(source.interval(&shared.video));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut rtp_seq: u16 = rand::random();
-    let mut ts: u32 = rand::random();
-    let mut counter: u32 = 0;
-    let mut frame: u64 = 0;
-    // ThreadRng cannot cross an await.
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        let (payloads, ts_step) = match t.kind {
-            Kind::Audio => (vec![media::audio_payload()], AUDIO_TS_STEP),
-            Kind::Video => {
-                let key = shared.video.is_keyframe(frame);
-                let size = shared.video.frame_size(frame, &mut rng);
-                frame += 1;
-                (
-                    shared.video.packetize(size, key, &mut rng),
-                    shared.video.ts_step(),
-                )
-            }
-        };
-        let last = payloads.len() - 1;
-        for (i, mut payload) in payloads.into_iter().enumerate() {
-            let at = payload.len() - MARKER_LEN;
-            let marker = Marker {
-                publisher: index,
-                kind: t.kind,
-                seq: counter,
-                sent_us: media::clock(),
-            };
-            marker.write((&mut payload[at..]).try_into().expect("marker length"));
-            let pkt = rtp::Packet {
-                header: rtp::header::Header {
-                    version: 2,
-                    marker: t.kind == Kind::Video && i == last,
-                    payload_type: pt,
-                    sequence_number: rtp_seq,
-                    timestamp: ts,
-                    ssrc: t.ssrc,
-                    ..Default::default()
-                },
-                payload: payload.into(),
-            };
+        for (counter, pkt) in source.next_packets(&shared.video) {
             let written = if t.kind == Kind::Audio {
                 let level = AudioLevelExtension {
-                    level: if speaking {
-                        SPEAKING_LEVEL
-                    } else {
-                        SILENT_LEVEL
-                    },
-                    voice: speaking,
+                    level: source.audio_level(),
+                    voice: source.is_speaking(),
                 };
                 t.local
                     .write_rtp_with_extensions(pkt, &[HeaderExtension::AudioLevel(level)])
@@ -362,9 +312,6 @@ async fn publish(
             }
             sent.record(t.kind, counter);
             shared.counters.sent_packets.fetch_add(1, Ordering::Relaxed);
-            counter += 1;
-            rtp_seq = rtp_seq.wrapping_add(1);
         }
-        ts = ts.wrapping_add(ts_step);
     }
 }

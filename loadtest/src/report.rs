@@ -8,7 +8,7 @@ pub const SCHEMA: &str = "confer-load/1";
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub schema: &'static str,
-    /// `confer` or `janus`.
+    /// `confer`, `janus` or `probe`.
     pub target: String,
     pub scenario: String,
     pub machine: Machine,

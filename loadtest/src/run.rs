@@ -2,12 +2,12 @@
 //! steady window while sampling the server, stop, drain, and report.
 
 use crate::confer::{Participant, Tokens};
-use crate::janus;
 use crate::media::{self, Kind, VideoShape};
-use crate::peer::{Peer, Publish, Shared};
+use crate::peer::{Publish, Shared};
 use crate::process::{self, Usage};
 use crate::report::*;
 use crate::stats::{self, Counters, Sent, Subscriber};
+use crate::{janus, probe};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -86,6 +86,8 @@ pub enum Server {
     Confer { base: String, tokens: Tokens },
     /// `url` is the `ws://host:port` of Janus's WebSocket transport.
     Janus { url: String },
+    /// The bare-limit forwarder ([`crate::probe`]).
+    Probe { addr: std::net::SocketAddr },
 }
 
 /// Where the participants go.
@@ -100,6 +102,7 @@ impl Target {
         match self.server {
             Server::Confer { .. } => "confer",
             Server::Janus { .. } => "janus",
+            Server::Probe { .. } => "probe",
         }
     }
 }
@@ -108,22 +111,33 @@ impl Target {
 enum Conn {
     Confer(Participant),
     Janus(janus::Participant, bool),
+    Probe(probe::Participant),
 }
 
 impl Conn {
-    /// The peer that receives the others' media.
-    fn receiving(&self) -> &Arc<Peer> {
+    /// What the receiving side measured.
+    fn stats(&self) -> &Arc<Mutex<Subscriber>> {
         match self {
-            Conn::Confer(p) => &p.peer,
-            Conn::Janus(p, _) => &p.subscriber,
+            Conn::Confer(p) => &p.peer.stats,
+            Conn::Janus(p, _) => &p.subscriber.stats,
+            Conn::Probe(p) => &p.stats,
         }
     }
 
-    /// The peer that publishes.
-    fn sending(&self) -> &Arc<Peer> {
+    /// What the publishing side sent.
+    fn sent(&self) -> &Arc<Sent> {
         match self {
-            Conn::Confer(p) => &p.peer,
-            Conn::Janus(p, _) => &p.publisher,
+            Conn::Confer(p) => &p.peer.sent,
+            Conn::Janus(p, _) => &p.publisher.sent,
+            Conn::Probe(p) => &p.sent,
+        }
+    }
+
+    fn start_publishing(&self, index: u32, speaking: bool, shared: Arc<Shared>) {
+        match self {
+            Conn::Confer(p) => p.peer.start_publishing(index, speaking, shared),
+            Conn::Janus(p, _) => p.publisher.start_publishing(index, speaking, shared),
+            Conn::Probe(p) => p.start_publishing(index, speaking, shared),
         }
     }
 
@@ -133,6 +147,7 @@ impl Conn {
             Conn::Janus(p, publishes) => {
                 p.subscriber.is_connected() && (!publishes || p.publisher.is_connected())
             }
+            Conn::Probe(p) => p.is_connected(),
         }
     }
 
@@ -140,6 +155,7 @@ impl Conn {
         match self {
             Conn::Confer(p) => p.leave().await,
             Conn::Janus(p, _) => p.leave().await,
+            Conn::Probe(p) => p.leave().await,
         }
     }
 }
@@ -171,6 +187,9 @@ async fn join(
             .await?,
             publish != Publish::Nothing,
         ),
+        Server::Probe { addr } => {
+            Conn::Probe(probe::Participant::join(*addr, room, publish, started_us, shared).await?)
+        }
     })
 }
 
@@ -294,16 +313,15 @@ pub async fn run(
             match joined {
                 Ok(conn) => {
                     if let Some(index) = publisher {
-                        conn.sending()
-                            .start_publishing(index, speaking, shared.clone());
+                        conn.start_publishing(index, speaking, shared.clone());
                     }
                     shared.counters.joined.fetch_add(1, Ordering::Relaxed);
                     members.lock().unwrap().push(Member {
                         room,
                         publisher,
                         speaking,
-                        stats: conn.receiving().stats.clone(),
-                        sent: conn.sending().sent.clone(),
+                        stats: conn.stats().clone(),
+                        sent: conn.sent().clone(),
                         conn,
                     });
                 }
