@@ -342,7 +342,11 @@ async function handle(msg) {
     }
     case 'recording':
       if (msg.state === 'started') { setRecording(true); showBanner('This meeting is now being recorded.'); }
-      if (msg.state === 'stopped') { setRecording(false); showBanner('Recording stopped. It will be in the recordings list shortly.'); }
+      if (msg.state === 'stopped') {
+        setRecording(false);
+        const why = msg.reason ? ` (${msg.reason})` : '';
+        showBanner(`Recording stopped${why}. It will be in the recordings list shortly.`);
+      }
       if (msg.state === 'available') showBanner('The recording is ready in the recordings list.');
       if (msg.state === 'failed') { setRecording(false); showBanner('The recording could not be saved.', 'error'); }
       break;
@@ -392,6 +396,8 @@ function handleError(msg) {
   };
   if (msg.code === 'forbidden') {
     showBanner('Only moderators can do that.');
+  } else if (msg.code === 'recording_spool_full' || msg.code === 'recording_disabled') {
+    showBanner(`Cannot record: ${msg.message}`, 'error');
   } else if (msg.code === 'meeting_not_started') {
     const when = msg.message.match(/from (.+)$/);
     const at = when ? new Date(when[1].replace(' UTC', 'Z').replace(' ', 'T')) : null;

@@ -20,5 +20,5 @@ pub mod store;
 pub mod timeline;
 pub mod vp8;
 
-pub use recording::{Running, Settings, recover, start};
+pub use recording::{Running, Settings, recover, spool_bytes, start};
 pub use store::{LocalStore, Manifest, Store};

@@ -273,6 +273,20 @@ pub async fn recover(
     done
 }
 
+/// Bytes in the spool: recordings in progress and those waiting for storage.
+pub fn spool_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => spool_bytes(&e.path()),
+            _ => e.metadata().map_or(0, |m| m.len()),
+        })
+        .sum()
+}
+
 fn newest_mtime(dir: &Path) -> Option<DateTime<Utc>> {
     std::fs::read_dir(dir)
         .ok()?

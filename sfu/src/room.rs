@@ -82,6 +82,8 @@ pub enum RoomEvent {
     Recording {
         state: &'static str,
         recording_id: String,
+        /// Why it stopped, when not by a moderator.
+        reason: Option<String>,
     },
 }
 
@@ -476,7 +478,12 @@ impl Room {
 
     /// Tells everyone about a recording of this room; `started` and
     /// `stopped` also set what joiners are told ([`Room::recording`]).
-    pub fn announce_recording(&self, state: &'static str, recording_id: &str) {
+    pub fn announce_recording(
+        &self,
+        state: &'static str,
+        recording_id: &str,
+        reason: Option<&str>,
+    ) {
         match state {
             "started" => *self.recording.lock().unwrap() = Some(recording_id.to_owned()),
             "stopped" | "failed" => *self.recording.lock().unwrap() = None,
@@ -485,6 +492,7 @@ impl Room {
         self.broadcast(RoomEvent::Recording {
             state,
             recording_id: recording_id.to_owned(),
+            reason: reason.map(str::to_owned),
         });
     }
 

@@ -38,6 +38,9 @@ pub struct RecordingConfig {
     pub local_dir: Option<PathBuf>,
     /// Segments in progress; defaults to `spool` in the data dir.
     pub spool_dir: Option<PathBuf>,
+    /// Most the spool may hold, in MB (recordings in progress and those
+    /// waiting for an unreachable store); 0: no bound.
+    pub spool_max_mb: u64,
     /// Seconds between expiry sweeps.
     #[serde(with = "secs")]
     pub sweep_interval: Duration,
@@ -87,6 +90,7 @@ impl Default for RecordingConfig {
             segment_seconds: 10,
             local_dir: None,
             spool_dir: None,
+            spool_max_mb: 10_240,
             sweep_interval: Duration::from_secs(3600),
             store: StoreKind::Local,
             s3: S3Config::default(),

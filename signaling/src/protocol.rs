@@ -126,6 +126,9 @@ pub enum ServerMessage {
     Recording {
         state: String,
         recording_id: String,
+        /// Why a recording `stopped`, when a moderator did not stop it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// The room closes at `closes_at` (RFC 3339).
     MeetingEnding {
@@ -160,6 +163,7 @@ pub enum ErrorCode {
     RecordingDisabled,
     AlreadyRecording,
     NotRecording,
+    RecordingSpoolFull,
     MeetingNotFound,
     MeetingNotStarted,
     MeetingEnded,

@@ -30,7 +30,16 @@ pub enum RecordingError {
     NotRecording,
     #[error("no such room")]
     NoRoom,
+    #[error(
+        "the server's recording spool is full ({used_mb} MB of {max_mb} MB): \
+         recordings waiting for storage must be stored first"
+    )]
+    SpoolFull { used_mb: u64, max_mb: u64 },
 }
+
+/// How often the spool's size is checked while recording.
+const SPOOL_CHECK: Duration = Duration::from_secs(2);
+const SPOOL_FULL: &str = "the server's recording spool is full";
 
 pub struct Recordings {
     pub store: Arc<dyn Store>,
@@ -42,6 +51,8 @@ pub struct Recordings {
     sfu: Arc<Sfu>,
     webhooks: Option<Arc<Webhooks>>,
     running: Mutex<HashMap<String, Running>>,
+    /// Bytes the spool may hold; 0: no bound.
+    spool_max: u64,
     /// Signs download links.
     link_key: Vec<u8>,
 }
@@ -97,6 +108,7 @@ impl Recordings {
             keep_days: r.keep_days,
             settings,
             enabled: r.enabled,
+            spool_max: r.spool_max_mb * 1_000_000,
             sfu,
             webhooks,
             running: Mutex::new(HashMap::new()),
@@ -127,8 +139,10 @@ impl Recordings {
         }
         let mut sweep = tokio::time::interval(interval);
         let mut retry = tokio::time::interval(Duration::from_secs(60));
+        let mut spool_check = tokio::time::interval(SPOOL_CHECK);
         loop {
             tokio::select! {
+                _ = spool_check.tick() => self.stop_all_if_spool_full(),
                 _ = sweep.tick() => match store::sweep(self.store.as_ref(), Utc::now()).await {
                     Ok(0) => {}
                     Ok(n) => info!(deleted = n, "expired recordings deleted"),
@@ -140,6 +154,33 @@ impl Recordings {
                     }
                 }
             }
+        }
+    }
+
+    /// The spool's size, when it has reached its bound.
+    fn spool_full(&self) -> Option<u64> {
+        if self.spool_max == 0 {
+            return None;
+        }
+        let used = confer_recorder::spool_bytes(&self.settings.spool);
+        (used >= self.spool_max).then_some(used)
+    }
+
+    /// A full spool (the store unreachable for long, or the disk budget
+    /// spent) stops every recording: what they hold so far is kept and
+    /// stored, rather than the disk filling up under all of them.
+    fn stop_all_if_spool_full(self: &Arc<Self>) {
+        let rooms: Vec<String> = self.running.lock().unwrap().keys().cloned().collect();
+        if rooms.is_empty() || self.spool_full().is_none() {
+            return;
+        }
+        warn!(
+            max_bytes = self.spool_max,
+            "recording spool full; stopping {} recording(s)",
+            rooms.len()
+        );
+        for room in rooms {
+            let _ = self.stop_because(&room, SPOOL_FULL, Some(SPOOL_FULL));
         }
     }
 
@@ -156,6 +197,12 @@ impl Recordings {
         if running.contains_key(room_id) {
             return Err(RecordingError::AlreadyRecording);
         }
+        if let Some(used) = self.spool_full() {
+            return Err(RecordingError::SpoolFull {
+                used_mb: used / 1_000_000,
+                max_mb: self.spool_max / 1_000_000,
+            });
+        }
         let r = confer_recorder::start(
             room.clone(),
             title.to_owned(),
@@ -166,7 +213,7 @@ impl Recordings {
         running.insert(room_id.to_owned(), r);
         drop(running);
         info!(room = room_id, recording = %id, by, "recording started");
-        room.announce_recording("started", &id);
+        room.announce_recording("started", &id, None);
         self.hook(
             room_id,
             "recording.started",
@@ -178,6 +225,16 @@ impl Recordings {
     /// Stops the room's recording; the file is stored in the background and
     /// announced (`available`) when it is.
     pub fn stop(self: &Arc<Self>, room_id: &str, reason: &str) -> Result<String, RecordingError> {
+        self.stop_because(room_id, reason, None)
+    }
+
+    /// As [`Self::stop`]; `told` is the reason the room is given, if any.
+    fn stop_because(
+        self: &Arc<Self>,
+        room_id: &str,
+        reason: &str,
+        told: Option<&str>,
+    ) -> Result<String, RecordingError> {
         let r = self
             .running
             .lock()
@@ -187,7 +244,7 @@ impl Recordings {
         let id = r.id.clone();
         info!(room = room_id, recording = %id, reason, "recording stopped");
         if let Some(room) = self.sfu.room(room_id) {
-            room.announce_recording("stopped", &id);
+            room.announce_recording("stopped", &id, told);
         }
         self.hook(
             room_id,
@@ -202,7 +259,7 @@ impl Recordings {
                 Err(e) => {
                     warn!(room = %room_id, error = %e, "recording could not be stored");
                     if let Some(room) = me.sfu.room(&room_id) {
-                        room.announce_recording("failed", &e.to_string());
+                        room.announce_recording("failed", &e.to_string(), None);
                     }
                 }
             }
@@ -212,7 +269,7 @@ impl Recordings {
 
     fn available(&self, m: &Manifest) {
         if let Some(room) = self.sfu.room(&m.room) {
-            room.announce_recording("available", &m.id);
+            room.announce_recording("available", &m.id, None);
         }
         self.hook(
             &m.room,

@@ -400,6 +400,7 @@ impl Session {
                         E::AlreadyRecording => ErrorCode::AlreadyRecording,
                         E::NotRecording => ErrorCode::NotRecording,
                         E::NoRoom => ErrorCode::RoomClosed,
+                        E::SpoolFull { .. } => ErrorCode::RecordingSpoolFull,
                     };
                     return self.error(code, e.to_string());
                 }
@@ -467,9 +468,11 @@ impl Session {
                 RoomEvent::Recording {
                     state,
                     recording_id,
+                    reason,
                 } => ServerMessage::Recording {
                     state: state.to_owned(),
                     recording_id,
+                    reason,
                 },
                 RoomEvent::Closing { closes_at, reason } => ServerMessage::MeetingEnding {
                     closes_at: chrono::DateTime::from_timestamp(closes_at as i64, 0)

@@ -339,3 +339,73 @@ async fn audio_and_video_stay_in_sync() {
         );
     }
 }
+
+/// The spool is bounded: with it full, a recording in progress stops (and
+/// is kept), the room is told why, and a new one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_stops_the_recording_and_keeps_what_it_holds() {
+    init_logging();
+    let spool = tmp("bounded-spool");
+    let store_dir = tmp("bounded-store");
+    let server = TestServer::start_with(|c| {
+        c.recording.spool_max_mb = 1;
+        c.recording.segment_seconds = 2;
+        c.recording.spool_dir = Some(spool.clone());
+        c.recording.local_dir = Some(store_dir.clone());
+    })
+    .await
+    .unwrap();
+    let vp8 = Arc::new(vp8_test_frames(2).unwrap());
+    let a = join(&server, "ann", 1, 440.0, &vp8).await;
+    let b = join(&server, "ben", 2, 660.0, &vp8).await;
+    until("media", Duration::from_secs(20), || {
+        b.received(&a.participant_id, Kind::Audio).packets.len() > 30
+    })
+    .await;
+
+    // Recordings waiting for an unreachable store have filled the spool.
+    std::fs::create_dir_all(&spool).unwrap();
+    let backlog = spool.join("backlog");
+    std::fs::write(&backlog, vec![0u8; 1_500_000]).unwrap();
+    let refused = server
+        .state
+        .recordings
+        .start("recorded", "Full", "user-ann");
+    let err = refused.expect_err("a recording started on a full spool");
+    assert!(err.to_string().contains("spool is full"), "{err}");
+
+    std::fs::remove_file(&backlog).unwrap();
+    let id = server
+        .state
+        .recordings
+        .start("recorded", "Bounded", "user-ann")
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(a.saw(|e| e["type"] == "recording" && e["state"] == "started"));
+    std::fs::write(&backlog, vec![0u8; 1_500_000]).unwrap();
+    until(
+        "the room told the recording stopped",
+        Duration::from_secs(10),
+        || {
+            a.saw(|e| {
+                e["type"] == "recording"
+                    && e["state"] == "stopped"
+                    && e["recording_id"] == id.as_str()
+                    && e["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("spool is full"))
+            })
+        },
+    )
+    .await;
+    assert!(!server.state.recordings.is_recording("recorded"));
+    until("the recording available", Duration::from_secs(30), || {
+        b.saw(|e| e["type"] == "recording" && e["state"] == "available")
+    })
+    .await;
+    let file = store_dir.join(store::key("recorded", &id, store::MEDIA));
+    let (streams, duration) = probe(&file);
+    assert_eq!(streams, ["video:vp8", "audio:opus"]);
+    assert!(duration >= 4.0, "only {duration:.2} s kept");
+    decodes_cleanly(&file);
+}
