@@ -5,8 +5,9 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { createHmac, randomBytes } from 'node:crypto';
+import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
@@ -16,9 +17,8 @@ let server;
 let base;
 let browser;
 
-async function startConfer(extraEnv = {}) {
+async function startConfer(extraEnv = {}, dataDir = mkdtempSync(join(tmpdir(), 'confer-browser-'))) {
   assert.ok(BIN, 'set TEST_CONFER_BIN to the confer binary');
-  const dataDir = mkdtempSync(join(tmpdir(), 'confer-browser-'));
   const proc = spawn(BIN, ['serve', '--listen', '127.0.0.1:0', '--data-dir', dataDir], {
     env: { ...process.env, CONFER_SFU_UDP_PORT_MIN: '0', CONFER_SFU_UDP_PORT_MAX: '0', ...extraEnv },
     stdio: ['ignore', 'pipe', 'inherit'],
@@ -207,6 +207,60 @@ test('an unreachable home server gets a clear message within seconds', async () 
     await page.context().close();
   } finally {
     other.proc.kill('SIGTERM');
+  }
+});
+
+// An HS256 join token, as a home server signs it (docs/home-server.md).
+function joinToken(secret, claims) {
+  const b64 = (v) => Buffer.from(JSON.stringify(v)).toString('base64url');
+  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
+  return `${body}.${createHmac('sha256', secret).update(body).digest('base64url')}`;
+}
+
+test('confer killed while recording: the restarted process finishes the recording', async () => {
+  const secret = randomBytes(16).toString('hex');
+  const env = { CONFER_AUTH_TOKEN_SECRET: secret, CONFER_RECORDING_SEGMENT_SECONDS: '2' };
+  const dataDir = mkdtempSync(join(tmpdir(), 'confer-killed-'));
+  const room = `killed-${randomBytes(4).toString('hex')}`;
+  const token = (name, role) => joinToken(secret, {
+    sub: `u-${name}`, name, room, role, kind: 'call', exp: Math.floor(Date.now() / 1000) + 600,
+  });
+  let first = await startConfer(env, dataDir);
+  let second;
+  const pages = [];
+  try {
+    for (const [name, role] of [['Ana', 'moderator'], ['Bo', 'participant']]) {
+      pages.push(await openPage(`/m/${room}#token=${token(name, role)}`, first.url));
+    }
+    const [ana] = pages;
+    await assertMediaFlowing(ana, 1, 'Ana');
+    await ana.click('#record');
+    await waitFor('the REC indicator', 10000, async () => ana.locator('#rec').isVisible());
+    await new Promise((r) => setTimeout(r, 7000));
+    // No trailer, no manifest, no upload: the process just dies.
+    first.proc.kill('SIGKILL');
+    for (const p of pages) await p.context().close();
+
+    second = await startConfer(env, dataDir);
+    const auth = { Authorization: `Bearer ${token('Bo', 'participant')}` };
+    const list = await waitFor('the recovered recording listed', 30000, async () => {
+      const r = await fetch(`${second.url}/api/rooms/${room}/recordings`, { headers: auth });
+      const body = await r.json();
+      return body.recordings && body.recordings.length === 1 && body.recordings;
+    });
+    // Segments of 2 s: at most the last one is lost of about 7 s recorded.
+    assert.ok(list[0].duration_ms >= 4000, `only ${list[0].duration_ms} ms recovered`);
+    console.log(`recovered ${list[0].duration_ms} ms of a recording killed after 7 s`);
+    const file = await fetch(second.url + list[0].download_url);
+    assert.equal(file.status, 200);
+    const path = join(dataDir, 'recovered.webm');
+    writeFileSync(path, Buffer.from(await file.arrayBuffer()));
+    const streams = execFileSync('ffprobe', ['-v', 'error', '-show_entries', 'stream=codec_name',
+      '-of', 'csv=p=0', path]).toString().trim().split('\n').sort();
+    assert.deepEqual(streams, ['opus', 'vp8']);
+  } finally {
+    first.proc.kill('SIGKILL');
+    if (second) second.proc.kill('SIGTERM');
   }
 });
 
