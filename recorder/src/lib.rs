@@ -8,6 +8,8 @@
 //! - [`mux`]: WebM segments through FFmpeg, joined without decoding.
 //! - [`timeline`]: RTP time onto the recording's timeline, lips in sync.
 //! - [`recording`]: one recording, from the SFU's tap to the store.
+//! - [`upload`]: segments uploaded as they complete, and recordings
+//!   finished from them when their recorder's machine is gone.
 //! - [`store`]: the object-store trait, the local directory, manifests,
 //!   listing and the expiry sweep; [`s3`]: the same on S3.
 
@@ -18,7 +20,9 @@ pub mod recording;
 pub mod s3;
 pub mod store;
 pub mod timeline;
+pub mod upload;
 pub mod vp8;
 
 pub use recording::{Running, Settings, recover, spool_bytes, start};
 pub use store::{LocalStore, Manifest, Store};
+pub use upload::recover_orphans;

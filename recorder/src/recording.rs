@@ -8,13 +8,16 @@
 //! the spool directory, each one a playable WebM; at the end they are
 //! joined, uploaded with a manifest, and the spool is cleared. A recorder
 //! that dies leaves its segments and `state.json`; [`recover`] finishes
-//! them on the next start.
+//! them on the next start. With `upload_segments`, each completed segment
+//! is also uploaded as it goes ([`crate::upload`]), for when the machine
+//! itself is lost.
 
 use crate::audio::{self, Decoder, Encoder, Mixer};
 use crate::jitter::{JitterBuffer, Out};
 use crate::mux::{self, SegmentWriter};
 use crate::store::{self, Manifest, Person, Store};
 use crate::timeline::{self, Clock, Report};
+use crate::upload::{self, Uploader};
 use crate::vp8::Depacketizer;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -40,6 +43,10 @@ pub struct Settings {
     /// Local directory for segments in progress.
     pub spool: PathBuf,
     pub audio_bitrate: i32,
+    /// Upload each segment once complete, so that losing this machine
+    /// loses at most the segment in progress. Worth it when the store is
+    /// elsewhere (S3), not for a local directory on the same disk.
+    pub upload_segments: bool,
 }
 
 impl Default for Settings {
@@ -50,6 +57,7 @@ impl Default for Settings {
             keep: chrono::Duration::days(30),
             spool: std::env::temp_dir().join("confer-spool"),
             audio_bitrate: 48_000,
+            upload_segments: false,
         }
     }
 }
@@ -70,12 +78,12 @@ pub enum RecordError {
 
 /// What survives a crash, next to the segments.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-struct State {
-    id: String,
-    room: String,
-    title: String,
-    started_at: DateTime<Utc>,
-    participants: Vec<Person>,
+pub(crate) struct State {
+    pub id: String,
+    pub room: String,
+    pub title: String,
+    pub started_at: DateTime<Utc>,
+    pub participants: Vec<Person>,
 }
 
 /// A recording in progress.
@@ -132,7 +140,10 @@ async fn run(
 ) -> Result<Manifest, RecordError> {
     let dir = settings.spool.join(&state.room).join(&state.id);
     tokio::fs::create_dir_all(&dir).await?;
-    let mut p = Pipeline::new(state, dir.clone(), &settings)?;
+    let uploader = settings
+        .upload_segments
+        .then(|| Uploader::start(store.clone(), state.clone(), settings.segment));
+    let mut p = Pipeline::new(state, dir.clone(), &settings, uploader)?;
     p.save_state()?;
     info!(room = %room.id, recording = %p.state.id, "recording started");
     let mut tap = room.start_tap();
@@ -155,7 +166,7 @@ async fn run(
     let state = p.finish()?;
     // From here the spool holds a finished recording: if storing fails, a
     // later `recover` pass stores it.
-    std::fs::write(dir.join(STOPPED), b"")?;
+    mark_stopped(&dir)?;
     info!(room = %state.room, recording = %state.id, "recording stopped; storing");
     let ended_at = Utc::now();
     let mut delay = Duration::from_secs(1);
@@ -174,9 +185,30 @@ async fn run(
 /// Marks a spooled recording as finished (no process is writing it).
 const STOPPED: &str = "stopped";
 
+pub(crate) fn mark_stopped(dir: &Path) -> std::io::Result<()> {
+    std::fs::write(dir.join(STOPPED), b"")
+}
+
+pub(crate) fn write_state(dir: &Path, state: &State) -> std::io::Result<()> {
+    let tmp = dir.join("state.json.part");
+    std::fs::write(&tmp, serde_json::to_vec(state).expect("state serialises"))?;
+    std::fs::rename(tmp, dir.join("state.json"))
+}
+
+fn segment_name(no: u32) -> String {
+    format!("seg-{no:05}.webm")
+}
+
+pub(crate) fn is_segment_name(name: &str) -> bool {
+    name.len() == segment_name(0).len()
+        && name.starts_with("seg-")
+        && name.ends_with(".webm")
+        && name[4..9].bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Joins the segments in `dir`, stores the file and its manifest, and
-/// clears `dir`.
-async fn finalize(
+/// clears `dir` and the parts uploaded as it went.
+pub(crate) async fn finalize(
     dir: &Path,
     state: State,
     store: &dyn Store,
@@ -188,7 +220,7 @@ async fn finalize(
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("seg-") && n.ends_with(".webm"))
+                .is_some_and(is_segment_name)
         })
         .collect();
     segments.sort();
@@ -227,6 +259,10 @@ async fn finalize(
         .await?;
     std::fs::remove_dir_all(dir)?;
     info!(room = %manifest.room, recording = %manifest.id, duration_ms, size, "recording stored");
+    if let Err(e) = upload::clear(store, &manifest.room, &manifest.id).await {
+        // The orphan pass deletes them later; the lifecycle rule at last.
+        warn!(recording = %manifest.id, error = %e, "could not delete uploaded segments");
+    }
     Ok(manifest)
 }
 
@@ -347,10 +383,16 @@ struct Pipeline {
     last_video_ms: i64,
     placeholder: Vec<u8>,
     pre_skip: u16,
+    uploader: Option<Uploader>,
 }
 
 impl Pipeline {
-    fn new(state: State, dir: PathBuf, settings: &Settings) -> Result<Pipeline, RecordError> {
+    fn new(
+        state: State,
+        dir: PathBuf,
+        settings: &Settings,
+        uploader: Option<Uploader>,
+    ) -> Result<Pipeline, RecordError> {
         let mut encoder = Encoder::new(settings.audio_bitrate)?;
         let pre_skip = encoder.lookahead();
         let placeholder = mux::placeholder_keyframe(PLACEHOLDER.0, PLACEHOLDER.1)?;
@@ -373,6 +415,7 @@ impl Pipeline {
             last_video_ms: 0,
             placeholder,
             pre_skip,
+            uploader,
         };
         // The file starts with the placeholder until someone's video shows.
         let still = p.placeholder.clone();
@@ -385,13 +428,7 @@ impl Pipeline {
     }
 
     fn save_state(&self) -> Result<(), RecordError> {
-        let tmp = self.dir.join("state.json.part");
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec(&self.state).expect("state serialises"),
-        )?;
-        std::fs::rename(tmp, self.dir.join("state.json"))?;
-        Ok(())
+        Ok(write_state(&self.dir, &self.state)?)
     }
 
     fn event(&mut self, e: Tapped, room: &Room) {
@@ -680,6 +717,10 @@ impl Pipeline {
     fn rollover(&mut self, ms: i64, w: u16, h: u16, keyframe: &[u8]) -> Result<(), RecordError> {
         if let Some(old) = self.writer.take() {
             old.finish()?;
+            if let Some(u) = &self.uploader {
+                let path = self.dir.join(segment_name(self.segment_no));
+                u.segment_done(path, self.state.clone());
+            }
         }
         self.save_state()?;
         self.new_segment(ms, w, h, keyframe)
@@ -687,7 +728,7 @@ impl Pipeline {
 
     fn new_segment(&mut self, ms: i64, w: u16, h: u16, keyframe: &[u8]) -> Result<(), RecordError> {
         self.segment_no += 1;
-        let path = self.dir.join(format!("seg-{:05}.webm", self.segment_no));
+        let path = self.dir.join(segment_name(self.segment_no));
         let mut writer = SegmentWriter::create(&path, w, h, self.pre_skip)?;
         writer.video(ms, true, keyframe)?;
         self.writer = Some(writer);

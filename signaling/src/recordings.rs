@@ -70,6 +70,8 @@ impl Recordings {
             .unwrap_or_else(|| config.data_dir.join("recordings"));
         let settings = Settings {
             segment: Duration::from_secs(r.segment_seconds.into()),
+            // S3 is another machine: segments go there as they complete.
+            upload_segments: r.store == crate::config::StoreKind::S3,
             keep: chrono::Duration::days(r.keep_days.into()),
             spool: r
                 .spool_dir
@@ -137,6 +139,7 @@ impl Recordings {
         {
             self.available(&m);
         }
+        self.recover_orphans().await;
         let mut sweep = tokio::time::interval(interval);
         let mut retry = tokio::time::interval(Duration::from_secs(60));
         let mut spool_check = tokio::time::interval(SPOOL_CHECK);
@@ -152,8 +155,22 @@ impl Recordings {
                     for m in confer_recorder::recover(&spool, self.store.as_ref(), self.settings.keep, true).await {
                         self.available(&m);
                     }
+                    self.recover_orphans().await;
                 }
             }
+        }
+    }
+
+    /// Finishes recordings whose recorder (another node, or this one before
+    /// its machine was replaced) is gone, from their uploaded segments.
+    async fn recover_orphans(&self) {
+        if !self.settings.upload_segments {
+            return;
+        }
+        let (spool, keep) = (&self.settings.spool, self.settings.keep);
+        match confer_recorder::recover_orphans(spool, self.store.as_ref(), keep, Utc::now()).await {
+            Ok(done) => done.iter().for_each(|m| self.available(m)),
+            Err(e) => warn!(error = %e, "could not look for orphaned recordings; next time"),
         }
     }
 

@@ -1,7 +1,8 @@
 //! Recordings in a real S3 server (Garage): the lifecycle rule installed at
 //! start-up, upload, listing and download through a pre-signed URL, the
-//! expiry sweep with the clock moved on, and an outage of the S3 server
-//! while a recording is being stored.
+//! expiry sweep with the clock moved on, an outage of the S3 server
+//! while a recording is being stored, and the recorder's machine lost
+//! mid-recording.
 
 use confer_recorder::recording::Settings;
 use confer_recorder::s3::{S3Settings, S3Store};
@@ -34,17 +35,26 @@ async fn until(what: &str, within: Duration, ok: impl AsyncFnMut() -> bool) {
 }
 
 fn probe_duration(bytes: &[u8]) -> f64 {
+    ffprobe(bytes, "format=duration").trim().parse().unwrap()
+}
+
+/// Where the media in `bytes` ends on the recording's timeline (a segment
+/// keeps its timestamps from the start of the recording).
+fn probe_end(bytes: &[u8]) -> f64 {
+    ffprobe(bytes, "packet=pts_time,duration_time")
+        .lines()
+        .filter_map(|l| {
+            let (pts, dur) = l.split_once(',')?;
+            Some(pts.parse::<f64>().ok()? + dur.parse::<f64>().unwrap_or(0.0))
+        })
+        .fold(0.0, f64::max)
+}
+
+fn ffprobe(bytes: &[u8], entries: &str) -> String {
     let path = std::env::temp_dir().join(format!("confer-dl-{:016x}.webm", rand::random::<u64>()));
     std::fs::write(&path, bytes).unwrap();
     let out = Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-show_entries",
-            "format=duration",
-            "-of",
-            "csv=p=0",
-        ])
+        .args(["-v", "error", "-show_entries", entries, "-of", "csv=p=0"])
         .arg(&path)
         .output()
         .unwrap();
@@ -54,7 +64,7 @@ fn probe_duration(bytes: &[u8]) -> f64 {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 async fn meeting(server: &TestServer, room: &str) -> (Client, Client) {
@@ -190,6 +200,7 @@ async fn an_s3_outage_while_storing_ends_with_a_complete_file() {
         Settings {
             segment: Duration::from_secs(3),
             spool: spool.clone(),
+            upload_segments: true,
             ..Default::default()
         },
     );
@@ -215,4 +226,88 @@ async fn an_s3_outage_while_storing_ends_with_a_complete_file() {
         (duration - recorded).abs() < 0.6,
         "{duration:.2} s of {recorded:.2} s"
     );
+    // The segments uploaded before the outage are gone with the rest.
+    let keys = s3.list(store::PREFIX).await.unwrap();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_machine_loses_at_most_the_segment_in_progress() {
+    init_logging();
+    let g = Garage::start().await.unwrap();
+    let server = TestServer::start().await.unwrap();
+    let (_a, _b) = meeting(&server, "lost").await;
+    let s3: Arc<dyn Store> = Arc::new(S3Store::new(&settings(&g)));
+    let tmp = || std::env::temp_dir().join(format!("confer-spool-{:016x}", rand::random::<u64>()));
+    let spool = tmp();
+    let rec = confer_recorder::start(
+        server.state.sfu.room("lost").unwrap(),
+        "Lost".into(),
+        s3.clone(),
+        Settings {
+            segment: Duration::from_secs(3),
+            spool: spool.clone(),
+            upload_segments: true,
+            ..Default::default()
+        },
+    );
+    let parts = async || {
+        let keys = s3.list(store::PREFIX).await.unwrap();
+        keys.into_iter()
+            .filter(|k| k.contains("/parts/"))
+            .collect::<Vec<_>>()
+    };
+    until(
+        "two segments uploaded",
+        Duration::from_secs(30),
+        async || parts().await.len() >= 2,
+    )
+    .await;
+    // A third segment is under way when the machine goes: process, spool
+    // and all.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut kept: f64 = 0.0;
+    let uploaded = parts().await;
+    for k in &uploaded {
+        kept = kept.max(probe_end(&s3.get_bytes(k).await.unwrap().unwrap()));
+    }
+
+    // Another node looks while the recorder still lives: its heartbeat is
+    // fresh, so the recording is left alone.
+    let keep = chrono::Duration::days(30);
+    let elsewhere = tmp();
+    let now = chrono::Utc::now();
+    let found = confer_recorder::recover_orphans(&elsewhere, s3.as_ref(), keep, now).await;
+    assert!(found.unwrap().is_empty());
+
+    rec.abort();
+    server.state.sfu.room("lost").unwrap().stop_tap();
+    std::fs::remove_dir_all(&spool).unwrap();
+
+    // Minutes later the heartbeat is stale: the other node finishes it.
+    let later = chrono::Utc::now() + chrono::Duration::minutes(5);
+    let found = confer_recorder::recover_orphans(&elsewhere, s3.as_ref(), keep, later)
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    let m = &found[0];
+    assert_eq!(m.title, "Lost");
+    let mut names: Vec<_> = m.participants.iter().map(|p| p.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["ann", "ben"]);
+    let bytes = s3
+        .get_bytes(&store::key("lost", &m.id, store::MEDIA))
+        .await
+        .unwrap()
+        .expect("stored");
+    let duration = probe_duration(&bytes);
+    assert!(
+        duration >= kept - 0.1 && duration >= 5.0,
+        "{duration:.2} s stored; the {} uploaded segments end at {kept:.2} s",
+        uploaded.len()
+    );
+    // Only the file and its manifest remain; the other node's spool is clear.
+    let keys = s3.list(store::PREFIX).await.unwrap();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert_eq!(confer_recorder::spool_bytes(&elsewhere), 0);
 }
