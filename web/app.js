@@ -98,12 +98,61 @@ function tileFor(id, name, local = false) {
   label.className = 'label';
   el.append(video, placeholder, label);
   grid.append(el);
-  t = { el, video, label, stream: new MediaStream(), name, audioMuted: false, videoMuted: false };
+  t = { el, video, label, stream: new MediaStream(), name, audioMuted: false, videoMuted: false, quality: null };
   video.srcObject = t.stream;
   tiles.set(id, t);
+  if (!local) sizes.observe(video);
   renderTile(id);
   renderPeople();
   return t;
+}
+
+// ---------------------------------------------------------------- simulcast
+// Cameras publish two or three sizes (simulcast); each remote tile asks the
+// server for the one that fits the space it has on screen, so a grid of
+// small tiles costs little bandwidth and decoding.
+function qualityFor(video) {
+  const px = video.clientWidth * (window.devicePixelRatio || 1);
+  if (px <= 360) return 'low';
+  if (px <= 720) return 'medium';
+  return 'high';
+}
+
+function askQuality(t, force = false) {
+  const quality = qualityFor(t.video);
+  if (!force && quality === t.quality) return;
+  t.quality = quality;
+  for (const track of t.stream.getVideoTracks()) send({ type: 'video_quality', track_id: track.id, quality });
+}
+
+const sizes = new ResizeObserver((entries) => {
+  for (const e of entries) {
+    const id = e.target.parentElement && e.target.parentElement.dataset.participant;
+    const t = id && tiles.get(id);
+    if (t) askQuality(t);
+  }
+});
+
+// Publishing simulcast is experimental (`?simulcast=1`): the server loses a
+// layer's stream when it renegotiates after the browser stopped tagging
+// packets with their layer (docs/signaling.md, "Simulcast").
+const publishSimulcast = new URLSearchParams(location.search).get('simulcast') === '1';
+
+// Simulcast layers for a camera of this size: smallest first, named as the
+// server expects (q, h, f). Below 960 pixels wide Chrome sends at most two.
+function cameraEncodings(track) {
+  const { width = 640 } = track.getSettings();
+  if (width >= 960) {
+    return [
+      { rid: 'q', scaleResolutionDownBy: 4, maxBitrate: 150000 },
+      { rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 500000 },
+      { rid: 'f', maxBitrate: 1500000 },
+    ];
+  }
+  return [
+    { rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 250000 },
+    { rid: 'f', maxBitrate: 900000 },
+  ];
 }
 
 function renderTile(id) {
@@ -238,7 +287,9 @@ function closePeer() {
 function newPeer(iceServers) {
   pc = new RTCPeerConnection({ iceServers, bundlePolicy: 'max-bundle' });
   for (const track of localStream.getTracks()) {
-    pc.addTransceiver(track, { direction: 'sendonly', streams: [localStream] });
+    const init = { direction: 'sendonly', streams: [localStream] };
+    if (track.kind === 'video' && publishSimulcast) init.sendEncodings = cameraEncodings(track);
+    pc.addTransceiver(track, init);
   }
   // Watch-only (no devices): still make the first offer, which the server waits for.
   if (!localStream.getTracks().length) pc.addTransceiver('audio', { direction: 'recvonly' });
@@ -260,6 +311,7 @@ function newPeer(iceServers) {
     if (!owner || !tiles.has(owner) || owner === selfId) return;
     const t = tileFor(owner, '…');
     t.stream.addTrack(e.track);
+    if (e.track.kind === 'video') askQuality(t, true);
     e.track.onunmute = () => renderTile(owner);
     e.track.onended = () => { t.stream.removeTrack(e.track); renderTile(owner); };
     renderTile(owner);

@@ -10,6 +10,8 @@ pub enum SfuError {
     RoomClosed(String),
     #[error("participant {0:?} is not in this room")]
     UnknownParticipant(String),
+    #[error("no track {0:?} is forwarded to you")]
+    UnknownTrack(String),
     #[error("invalid session description: {0}")]
     BadSdp(String),
     #[error("invalid ICE candidate: {0}")]

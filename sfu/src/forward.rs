@@ -112,6 +112,12 @@ impl Rewriter {
         self.out_ssrc
     }
 
+    /// `ts` of the current source `ssrc` as this receiver sees it.
+    pub fn map_timestamp(&self, ssrc: u32, ts: u32) -> Option<u32> {
+        let s = self.source.filter(|s| s.ssrc == ssrc)?;
+        Some(ts.wrapping_add(s.ts_offset))
+    }
+
     /// Rewrites `pkt` in place for this receiver. Returns true when the
     /// packet should be sent.
     pub fn rewrite(&mut self, pkt: &mut rtp::Packet) -> bool {

@@ -9,6 +9,7 @@
 //! - [`peer`]: a [`Participant`]'s peer connection and its negotiation.
 //! - [`track`]: a published track, its receivers and the forwarding loop.
 //! - [`forward`]: the per-receiver RTP rewrite, as plain data.
+//! - [`simulcast`]: layers, the layer each receiver gets, keyframes.
 //! - [`keyframe`]: PLI/FIR relay, coalesced and rate-limited.
 //! - [`tap`]: a room's media as it arrives, for the recorder.
 //! - [`config`]: media-plane settings.
@@ -22,6 +23,7 @@ pub mod forward;
 pub mod keyframe;
 pub mod peer;
 pub mod room;
+pub mod simulcast;
 pub mod tap;
 pub mod track;
 

@@ -336,6 +336,23 @@ impl Participant {
         *self.muted.lock().unwrap()
     }
 
+    /// Chooses the simulcast layer this participant receives of a video
+    /// track: the nearest to `quality` that the publisher sends.
+    pub fn set_quality(
+        &self,
+        track_id: &str,
+        quality: crate::simulcast::Quality,
+    ) -> Result<(), SfuError> {
+        let unknown = || SfuError::UnknownTrack(track_id.to_owned());
+        let room = self.room.upgrade().ok_or_else(unknown)?;
+        let track = room.track(track_id).ok_or_else(unknown)?;
+        if track.set_quality(&self.id, quality) {
+            Ok(())
+        } else {
+            Err(unknown())
+        }
+    }
+
     /// Records a mute change and tells the others.
     pub fn set_muted(&self, kind: TrackKind, muted: bool) {
         {

@@ -461,17 +461,19 @@ impl Room {
         })
     }
 
-    /// Asks the publisher of `track_id` for a keyframe.
-    pub fn request_keyframe(&self, track_id: &str) {
-        let track = self
-            .inner
+    pub(crate) fn track(&self, track_id: &str) -> Option<Arc<Published>> {
+        self.inner
             .lock()
             .unwrap()
             .tracks
             .iter()
             .find(|t| t.info.id == track_id)
-            .cloned();
-        if let Some(t) = track {
+            .cloned()
+    }
+
+    /// Asks the publisher of `track_id` for a keyframe.
+    pub fn request_keyframe(&self, track_id: &str) {
+        if let Some(t) = self.track(track_id) {
             t.request_keyframe();
         }
     }

@@ -5,10 +5,13 @@
 //! its own packets (and recovers them by NACK) without holding up the others.
 //! One task per receiver rewrites and sends. The receiver list is swapped
 //! whole on change (`ArcSwap`), so the per-packet read takes no lock.
+//! With simulcast, a receiver is handed only the layer it is on and the one
+//! it is switching to (see [`crate::simulcast`]).
 
 use crate::forward::{AUDIO_LEVEL_URI, ExtensionMap, Rewriter, SilenceFilter, audio_level};
 use crate::keyframe::{Decision, Limiter, is_keyframe_request};
 use crate::peer::Participant;
+use crate::simulcast::{self, Layers, MAX_LAYERS, Selector, Verdict};
 use crate::tap::{TapSender, Tapped};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
@@ -16,7 +19,7 @@ use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RtpCodecKind};
 use serde::Serialize;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -65,11 +68,13 @@ pub struct Published {
     pub publisher: String,
     pub codec: RTCRtpCodec,
     remote: Arc<dyn TrackRemote>,
-    media_ssrc: u32,
+    /// The publisher's streams: one, or one per simulcast layer.
+    pub layers: Layers,
     /// Publisher-side negotiated header extensions, `(uri, id)`.
     extensions: Vec<(String, u16)>,
     receivers: ArcSwap<Vec<Arc<Receiver>>>,
-    keyframes: Mutex<Limiter>,
+    /// Keyframe requests per layer.
+    keyframes: [Mutex<Limiter>; MAX_LAYERS],
     /// Smoothed loudness (127 - dBov) × 16, for active-speaker detection.
     loudness: AtomicU32,
     /// Packets seen, for stats and tests.
@@ -80,6 +85,8 @@ pub struct Published {
     pub(crate) tap: ArcSwapOption<TapSender>,
     /// `info.id`, shared with every tapped packet.
     pub(crate) tap_id: Arc<str>,
+    /// The simulcast layer the tap is on.
+    tap_layer: AtomicU8,
 }
 
 /// One receiver's copy of a published track.
@@ -89,11 +96,17 @@ pub struct Receiver {
     pub sender: Arc<dyn RtpSender>,
     queue: mpsc::Sender<Feed>,
     ready: AtomicBool,
+    /// The simulcast layer it asked for (default: the largest).
+    requested: AtomicU8,
+    /// The layer it is on; `NO_LAYER` before the first.
+    current: AtomicU8,
 }
 
+const NO_LAYER: u8 = u8::MAX;
+
 enum Feed {
-    /// A packet and when it arrived from the publisher.
-    Rtp(rtp::Packet, Instant),
+    /// A packet, when it arrived from the publisher, and its layer.
+    Rtp(rtp::Packet, Instant, u8),
     /// The receiver's leg is negotiated: learn its payload type and extension ids.
     Negotiated,
 }
@@ -104,8 +117,8 @@ impl Published {
         remote: Arc<dyn TrackRemote>,
         extensions: Vec<(String, u16)>,
     ) -> Option<Arc<Published>> {
-        let media_ssrc = *remote.ssrcs().await.first()?;
-        let codec = remote.codec(media_ssrc).await?;
+        let first_ssrc = *remote.ssrcs().await.first()?;
+        let codec = remote.codec(first_ssrc).await?;
         let kind = TrackKind::from(remote.kind().await);
         let id = format!("{}-{}", publisher.id, remote.track_id().await);
         let blocked = (kind == TrackKind::Audio).then(|| publisher.audio_blocked.clone());
@@ -120,10 +133,11 @@ impl Published {
             publisher: publisher.id.clone(),
             codec,
             remote,
-            media_ssrc,
+            layers: Layers::new(first_ssrc),
             extensions,
             receivers: ArcSwap::from_pointee(Vec::new()),
-            keyframes: Mutex::new(Limiter::default()),
+            keyframes: Default::default(),
+            tap_layer: AtomicU8::new(0),
             loudness: AtomicU32::new(0),
             packets: AtomicU64::new(0),
             blocked,
@@ -139,11 +153,24 @@ impl Published {
             .find(|(u, _)| u == AUDIO_LEVEL_URI)
             .map_or(0, |(_, id)| *id as u8);
         let mut silence = SilenceFilter::default();
+        let mut tap = TapLayer::default();
+        let mut per_layer = [0u64; MAX_LAYERS + 1];
         while let Some(evt) = self.remote.poll().await {
             match evt {
+                TrackRemoteEvent::OnOpen(init) => {
+                    debug!(track = %self.info.id, ssrc = init.ssrc, rid = ?init.rid, "stream opened");
+                    self.layers.open(init.ssrc, init.rid.as_deref());
+                }
                 TrackRemoteEvent::OnRtpPacket(mut pkt) => {
                     let arrived = Instant::now();
                     self.packets.fetch_add(1, Ordering::Relaxed);
+                    let Some(layer) = self.layers.layer(pkt.header.ssrc) else {
+                        trace!(track = %self.info.id, ssrc = pkt.header.ssrc, "packet of no known layer");
+                        per_layer[MAX_LAYERS] += 1;
+                        continue;
+                    };
+                    per_layer[layer as usize] += 1;
+                    self.layers.saw(layer, arrived);
                     if self
                         .blocked
                         .as_ref()
@@ -155,11 +182,13 @@ impl Published {
                     if let Some(level) = level {
                         self.update_loudness(level);
                     }
-                    if let Some(tap) = &*self.tap.load() {
-                        let _ = tap.try_send(Tapped::Rtp {
+                    if let Some(sender) = &*self.tap.load()
+                        && let Some(packet) = tap.admit(&self, &pkt, layer, arrived)
+                    {
+                        let _ = sender.try_send(Tapped::Rtp {
                             track_id: self.tap_id.clone(),
                             at: arrived,
-                            packet: pkt.clone(),
+                            packet,
                         });
                     }
                     // After the tap: the recording keeps its timeline from the
@@ -167,34 +196,45 @@ impl Published {
                     if !silence.admit(&mut pkt, level) {
                         continue;
                     }
+                    let flowing = self.layers.flowing(arrived);
                     for r in self.receivers.load().iter() {
-                        if r.queue.try_send(Feed::Rtp(pkt.clone(), arrived)).is_err() {
+                        // Only the layer it is on and the one it is to go to.
+                        if layer != r.current.load(Ordering::Relaxed)
+                            && Some(layer) != r.target(flowing)
+                        {
+                            continue;
+                        }
+                        if r.queue
+                            .try_send(Feed::Rtp(pkt.clone(), arrived, layer))
+                            .is_err()
+                        {
                             trace!(subscriber = %r.subscriber, "receiver queue full, packet dropped");
                         }
                     }
                 }
-                TrackRemoteEvent::OnRtcpPacket(packets) => self.sender_reports(&packets),
+                TrackRemoteEvent::OnRtcpPacket(packets) => self.sender_reports(&packets, &tap),
                 TrackRemoteEvent::OnEnded => break,
                 _ => {}
             }
         }
-        debug!(track = %self.info.id, packets = self.packets.load(Ordering::Relaxed), "published track ended");
+        debug!(track = %self.info.id, packets = self.packets.load(Ordering::Relaxed),
+            ?per_layer, "published track ended (packets per layer, last: of no layer)");
     }
 
     /// Passes the publisher's sender reports to the tap: they map RTP time
     /// to the publisher's wallclock, which lines up its audio and video.
-    fn sender_reports(&self, packets: &[Box<dyn rtc::rtcp::Packet>]) {
-        let Some(tap) = &*self.tap.load() else {
+    fn sender_reports(&self, packets: &[Box<dyn rtc::rtcp::Packet>], tap: &TapLayer) {
+        let Some(sender) = &*self.tap.load() else {
             return;
         };
         for p in packets {
             if let Some(sr) = p.as_any().downcast_ref::<SenderReport>()
-                && sr.ssrc == self.media_ssrc
+                && let Some(rtp) = tap.report_time(self, sr.ssrc, sr.rtp_time)
             {
-                let _ = tap.try_send(Tapped::SenderReport {
+                let _ = sender.try_send(Tapped::SenderReport {
                     track_id: self.tap_id.clone(),
                     ntp: sr.ntp_time,
-                    rtp: sr.rtp_time,
+                    rtp,
                 });
             }
         }
@@ -232,6 +272,8 @@ impl Published {
             sender,
             queue: tx,
             ready: AtomicBool::new(false),
+            requested: AtomicU8::new(simulcast::Quality::High.layer()),
+            current: AtomicU8::new(NO_LAYER),
         });
         self.receivers.rcu(|list| {
             let mut list = Vec::clone(list);
@@ -258,34 +300,57 @@ impl Published {
         self.receivers.load().len()
     }
 
-    /// Asks the publisher for a keyframe, coalesced and rate-limited.
-    /// Asks the publisher for a keyframe, coalesced and rate-limited.
+    /// Asks the publisher for a keyframe of the layer the tap (a
+    /// recording) is on.
     pub fn request_keyframe(self: &Arc<Self>) {
+        self.request_layer_keyframe(self.tap_layer.load(Ordering::Relaxed));
+    }
+
+    /// Asks the publisher for a keyframe of `layer`, coalesced and
+    /// rate-limited per layer.
+    pub fn request_layer_keyframe(self: &Arc<Self>, layer: u8) {
+        let Some(limiter) = self.keyframes.get(layer as usize) else {
+            return;
+        };
         if self.info.kind != TrackKind::Video {
             return;
         }
-        let decision = self.keyframes.lock().unwrap().request(Instant::now());
+        let decision = limiter.lock().unwrap().request(Instant::now());
         match decision {
             Decision::SendNow => {
                 let me = self.clone();
-                tokio::spawn(async move { me.send_pli().await });
+                tokio::spawn(async move { me.send_pli(layer).await });
             }
             Decision::SendAt(at) => {
                 let me = self.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep_until(at.into()).await;
-                    me.keyframes.lock().unwrap().sent_scheduled(Instant::now());
-                    me.send_pli().await;
+                    me.keyframes[layer as usize]
+                        .lock()
+                        .unwrap()
+                        .sent_scheduled(Instant::now());
+                    me.send_pli(layer).await;
                 });
             }
             Decision::Coalesced => {}
         }
     }
 
-    async fn send_pli(&self) {
+    /// Sets the layer `subscriber` asks for; false if it does not receive
+    /// this track.
+    pub fn set_quality(&self, subscriber: &str, quality: simulcast::Quality) -> bool {
+        let receivers = self.receivers.load();
+        let Some(r) = receivers.iter().find(|r| r.subscriber == subscriber) else {
+            return false;
+        };
+        r.requested.store(quality.layer(), Ordering::Relaxed);
+        true
+    }
+
+    async fn send_pli(&self, layer: u8) {
         let pli = PictureLossIndication {
             sender_ssrc: 0,
-            media_ssrc: self.media_ssrc,
+            media_ssrc: self.layers.ssrc(layer),
         };
         if let Err(e) = self.remote.write_rtcp(vec![Box::new(pli)]).await {
             debug!(track = %self.info.id, "PLI not sent: {e}");
@@ -294,6 +359,11 @@ impl Published {
 }
 
 impl Receiver {
+    /// The layer it should be on, given the layers that flow.
+    fn target(&self, flowing: u8) -> Option<u8> {
+        simulcast::target(self.requested.load(Ordering::Relaxed), flowing)
+    }
+
     /// Called once the receiver's leg has been negotiated.
     pub(crate) fn negotiated(&self) {
         if !self.ready.swap(true, Ordering::AcqRel) {
@@ -309,6 +379,7 @@ async fn send_loop(
     out_ssrc: u32,
 ) {
     let mut rewriter: Option<Rewriter> = None;
+    let mut selector = Selector::default();
     while let Some(feed) = rx.recv().await {
         match feed {
             Feed::Negotiated => {
@@ -320,10 +391,11 @@ async fn send_loop(
                 }
                 if rewriter.is_some() {
                     // A new receiver needs a keyframe to start decoding.
-                    track.request_keyframe();
+                    let flowing = track.layers.flowing(Instant::now());
+                    track.request_layer_keyframe(r.target(flowing).unwrap_or(0));
                 }
             }
-            Feed::Rtp(mut pkt, arrived) => {
+            Feed::Rtp(mut pkt, arrived, layer) => {
                 let Some(rw) = rewriter.as_mut() else {
                     continue;
                 };
@@ -332,6 +404,26 @@ async fn send_loop(
                     // sees the gap and can ask for it.
                     trace!(subscriber = %r.subscriber, "packet too late for its receiver, dropped");
                     continue;
+                }
+                if track.layers.is_simulcast() {
+                    let target = r.target(track.layers.flowing(arrived));
+                    let mime = &track.codec.mime_type;
+                    match selector.admit(layer, target, || {
+                        simulcast::starts_keyframe(mime, &pkt.payload)
+                    }) {
+                        Verdict::Forward => {}
+                        Verdict::Switch => {
+                            debug!(subscriber = %r.subscriber, track = %track.info.id, layer, "simulcast layer switched");
+                            r.current.store(layer, Ordering::Relaxed);
+                        }
+                        Verdict::Drop => continue,
+                        Verdict::NeedKeyframe => {
+                            track.request_layer_keyframe(layer);
+                            continue;
+                        }
+                    }
+                } else {
+                    r.current.store(layer, Ordering::Relaxed);
                 }
                 if rw.rewrite(&mut pkt) && r.local.write_rtp(pkt).await.is_err() {
                     // Unbound: the receiver's connection is going away.
@@ -372,7 +464,61 @@ async fn make_rewriter(track: &Published, r: &Receiver, out_ssrc: u32) -> Option
 async fn feedback_loop(track: Arc<Published>, r: Arc<Receiver>) {
     while let Some(TrackLocalEvent::OnRtcpPacket(pkts)) = r.local.poll().await {
         if pkts.iter().any(|p| is_keyframe_request(p.as_ref())) {
-            track.request_keyframe();
+            match r.current.load(Ordering::Relaxed) {
+                NO_LAYER => {}
+                layer => track.request_layer_keyframe(layer),
+            }
         }
+    }
+}
+
+/// What the tap (a recording) gets of a simulcast track: one layer, the
+/// largest that flows, renumbered into one continuous stream when it has to
+/// change layer. Without simulcast, the packets as they came.
+#[derive(Default)]
+struct TapLayer {
+    selector: Selector,
+    rewriter: Option<Rewriter>,
+}
+
+impl TapLayer {
+    fn admit(
+        &mut self,
+        track: &Published,
+        pkt: &rtp::Packet,
+        layer: u8,
+        now: Instant,
+    ) -> Option<rtp::Packet> {
+        if !track.layers.is_simulcast() {
+            return Some(pkt.clone());
+        }
+        let target = simulcast::target(simulcast::Quality::High.layer(), track.layers.flowing(now));
+        let mime = &track.codec.mime_type;
+        match self.selector.admit(layer, target, || {
+            simulcast::starts_keyframe(mime, &pkt.payload)
+        }) {
+            Verdict::Forward => {}
+            Verdict::Switch => track.tap_layer.store(layer, Ordering::Relaxed),
+            Verdict::Drop | Verdict::NeedKeyframe => return None,
+        }
+        let rw = self.rewriter.get_or_insert_with(|| {
+            Rewriter::new(
+                pkt.header.ssrc,
+                pkt.header.payload_type,
+                ExtensionMap::none(),
+            )
+        });
+        let mut pkt = pkt.clone();
+        rw.rewrite(&mut pkt);
+        Some(pkt)
+    }
+
+    /// A sender report's RTP time on the tapped stream's timeline, if it is
+    /// about the stream the tap follows.
+    fn report_time(&self, track: &Published, ssrc: u32, rtp_time: u32) -> Option<u32> {
+        if !track.layers.is_simulcast() {
+            return (ssrc == track.layers.ssrc(0)).then_some(rtp_time);
+        }
+        self.rewriter.as_ref()?.map_timestamp(ssrc, rtp_time)
     }
 }

@@ -1,6 +1,7 @@
 //! The WebSocket messages, as documented in `docs/signaling.md`.
 //! Every message is a JSON object with a `type` field.
 
+use confer_sfu::simulcast::Quality;
 use confer_sfu::{IceServer, ParticipantSummary, RTCIceCandidateInit, Role, TrackInfo, TrackKind};
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +32,11 @@ pub enum ClientMessage {
     },
     Leave {},
     Ping {},
+    /// Which simulcast layer to receive of a video track.
+    VideoQuality {
+        track_id: String,
+        quality: Quality,
+    },
     /// Moderators only: mute someone's microphone.
     MuteParticipant {
         participant_id: String,
@@ -56,6 +62,7 @@ pub const CLIENT_TYPES: &[&str] = &[
     "mute",
     "leave",
     "ping",
+    "video_quality",
     "mute_participant",
     "remove_participant",
     "end_meeting",
@@ -160,6 +167,7 @@ pub enum ErrorCode {
     RoomClosed,
     Forbidden,
     UnknownParticipant,
+    UnknownTrack,
     RecordingDisabled,
     AlreadyRecording,
     NotRecording,

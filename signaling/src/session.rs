@@ -308,6 +308,7 @@ impl Session {
                 p.set_muted(kind, muted);
                 Ok(())
             }
+            ClientMessage::VideoQuality { track_id, quality } => p.set_quality(&track_id, quality),
             ClientMessage::Leave {} => return Flow::Leave,
             ClientMessage::MuteParticipant {
                 participant_id,
@@ -333,6 +334,9 @@ impl Session {
             Ok(()) => Flow::Continue,
             Err(SfuError::BadSdp(m)) => self.error(ErrorCode::BadSdp, m),
             Err(SfuError::BadCandidate(m)) => self.error(ErrorCode::BadCandidate, m),
+            Err(e @ SfuError::UnknownTrack(_)) => {
+                self.error(ErrorCode::UnknownTrack, e.to_string())
+            }
             Err(e) => self.error(ErrorCode::Internal, e.to_string()),
         }
     }

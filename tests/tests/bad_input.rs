@@ -70,6 +70,10 @@ async fn bad_input_is_refused_and_the_meeting_keeps_flowing() {
     assert_eq!(error_code(&mut bad).await, "bad_candidate");
     bad.send(json!({"type": "mute", "kind": "smell", "muted": true}));
     assert_eq!(error_code(&mut bad).await, "bad_message");
+    bad.send(json!({"type": "video_quality", "track_id": "nobody-nothing", "quality": "low"}));
+    assert_eq!(error_code(&mut bad).await, "unknown_track");
+    bad.send(json!({"type": "video_quality", "track_id": "nobody-nothing", "quality": "8k"}));
+    assert_eq!(error_code(&mut bad).await, "bad_message");
     bad.send(json!({"type": "join", "token": server.token("eve", "steady")}));
     assert_eq!(error_code(&mut bad).await, "already_joined");
     // Still answered after all that.

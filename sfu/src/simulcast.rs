@@ -1,0 +1,385 @@
+//! Simulcast: a publisher sends its video at up to three sizes (layers),
+//! each receiver gets one of them, and a receiver changes layer only at a
+//! keyframe of the layer it changes to, so its decoder never sees a frame
+//! that refers to a picture it does not have.
+//!
+//! A layer is known by its RTP stream id (`a=rid`): `q`, `h`, `f` (or `r0`,
+//! `r1`, `r2`) name them from smallest to largest; other ids take the free
+//! slots in the order they appear. A track without rids is one layer.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
+
+pub const MAX_LAYERS: usize = 3;
+
+/// A layer that sent nothing for this long is paused (the publisher's
+/// bandwidth estimate dropped it, or its window is too small for it).
+const PAUSED_AFTER_MS: u64 = 1000;
+
+/// What receivers ask for; the SFU gives the nearest layer that flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quality {
+    Low,
+    Medium,
+    High,
+}
+
+impl Quality {
+    pub fn layer(self) -> u8 {
+        self as u8
+    }
+}
+
+fn slot_of_rid(rid: &str) -> Option<usize> {
+    match rid {
+        "q" | "r0" => Some(0),
+        "h" | "r1" => Some(1),
+        "f" | "r2" => Some(2),
+        _ => None,
+    }
+}
+
+/// The layers of one published track. Written by its forwarding task
+/// (streams opening, packets arriving), read lock-free by its receivers.
+pub struct Layers {
+    ssrc: [AtomicU32; MAX_LAYERS],
+    /// When each layer last had a packet: ms after `epoch`, plus one (0:
+    /// never).
+    seen: [AtomicU64; MAX_LAYERS],
+    epoch: Instant,
+    simulcast: AtomicBool,
+}
+
+impl Layers {
+    /// A track whose first stream is `ssrc`, one layer until rids show up.
+    pub fn new(ssrc: u32) -> Layers {
+        Layers {
+            ssrc: [AtomicU32::new(ssrc), AtomicU32::new(0), AtomicU32::new(0)],
+            seen: Default::default(),
+            epoch: Instant::now(),
+            simulcast: AtomicBool::new(false),
+        }
+    }
+
+    /// A stream of the track opened: with a rid it is a simulcast layer.
+    pub fn open(&self, ssrc: u32, rid: Option<&str>) {
+        let Some(rid) = rid.filter(|r| !r.is_empty()) else {
+            return;
+        };
+        if !self.simulcast.swap(true, Ordering::AcqRel) {
+            // The first stream was recorded without knowing its layer.
+            self.ssrc[0].store(0, Ordering::Release);
+        }
+        if self.layer(ssrc).is_some() {
+            return;
+        }
+        let slot = slot_of_rid(rid)
+            .filter(|&s| self.ssrc[s].load(Ordering::Acquire) == 0)
+            .or_else(|| (0..MAX_LAYERS).find(|&s| self.ssrc[s].load(Ordering::Acquire) == 0));
+        if let Some(s) = slot {
+            self.ssrc[s].store(ssrc, Ordering::Release);
+        }
+    }
+
+    pub fn is_simulcast(&self) -> bool {
+        self.simulcast.load(Ordering::Acquire)
+    }
+
+    /// The layer `ssrc` carries. Without simulcast every packet is layer 0.
+    pub fn layer(&self, ssrc: u32) -> Option<u8> {
+        if !self.is_simulcast() {
+            return Some(0);
+        }
+        (0..MAX_LAYERS)
+            .find(|&s| self.ssrc[s].load(Ordering::Acquire) == ssrc)
+            .map(|s| s as u8)
+    }
+
+    pub fn ssrc(&self, layer: u8) -> u32 {
+        self.ssrc
+            .get(layer as usize)
+            .map_or(0, |s| s.load(Ordering::Acquire))
+    }
+
+    pub fn saw(&self, layer: u8, now: Instant) {
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64 + 1;
+        if let Some(s) = self.seen.get(layer as usize) {
+            s.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Bit `n` set: layer `n` had a packet within the last second.
+    pub fn flowing(&self, now: Instant) -> u8 {
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64 + 1;
+        (0..MAX_LAYERS).fold(0, |bits, s| {
+            let seen = self.seen[s].load(Ordering::Relaxed);
+            if seen != 0 && now_ms.saturating_sub(seen) < PAUSED_AFTER_MS {
+                bits | 1 << s
+            } else {
+                bits
+            }
+        })
+    }
+}
+
+/// The layer to send a receiver that asked for `requested`: the largest
+/// flowing one not above it, else the smallest flowing one.
+pub fn target(requested: u8, flowing: u8) -> Option<u8> {
+    (0..=requested.min(MAX_LAYERS as u8 - 1))
+        .rev()
+        .chain(requested + 1..MAX_LAYERS as u8)
+        .find(|l| flowing & (1 << l) != 0)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send it: the layer the receiver is on.
+    Forward,
+    /// Send it: a keyframe of the target layer, which the receiver is on from now.
+    Switch,
+    /// Not for this receiver.
+    Drop,
+    /// Not yet: the receiver waits for a keyframe of this layer.
+    NeedKeyframe,
+}
+
+/// One receiver's current layer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Selector {
+    current: Option<u8>,
+}
+
+impl Selector {
+    pub fn current(&self) -> Option<u8> {
+        self.current
+    }
+
+    /// Whether a packet of `layer` goes to the receiver whose target is
+    /// `target`; `keyframe` is asked only when it decides a switch.
+    pub fn admit(
+        &mut self,
+        layer: u8,
+        target: Option<u8>,
+        keyframe: impl FnOnce() -> bool,
+    ) -> Verdict {
+        if Some(layer) == self.current {
+            return Verdict::Forward;
+        }
+        if Some(layer) != target {
+            return Verdict::Drop;
+        }
+        if keyframe() {
+            self.current = Some(layer);
+            Verdict::Switch
+        } else {
+            Verdict::NeedKeyframe
+        }
+    }
+}
+
+/// Whether `payload` starts a keyframe, for the video codecs the SFU
+/// forwards (RFC 7741 VP8, RFC 9628 VP9, RFC 6184 H.264).
+pub fn starts_keyframe(mime_type: &str, payload: &[u8]) -> bool {
+    if mime_type.eq_ignore_ascii_case("video/vp8") {
+        vp8_keyframe(payload)
+    } else if mime_type.eq_ignore_ascii_case("video/vp9") {
+        vp9_keyframe(payload)
+    } else if mime_type.eq_ignore_ascii_case("video/h264") {
+        h264_keyframe(payload)
+    } else {
+        false
+    }
+}
+
+fn vp8_keyframe(p: &[u8]) -> bool {
+    let Some(&b0) = p.first() else {
+        return false;
+    };
+    // Start of partition 0.
+    if b0 & 0x10 == 0 || b0 & 0x07 != 0 {
+        return false;
+    }
+    let mut i = 1;
+    if b0 & 0x80 != 0 {
+        let Some(&x) = p.get(1) else {
+            return false;
+        };
+        i = 2;
+        if x & 0x80 != 0 {
+            // Picture id: one byte, or two when its top bit is set.
+            i += if p.get(2).is_some_and(|b| b & 0x80 != 0) {
+                2
+            } else {
+                1
+            };
+        }
+        if x & 0x40 != 0 {
+            i += 1; // TL0PICIDX
+        }
+        if x & 0x30 != 0 {
+            i += 1; // TID / KEYIDX
+        }
+    }
+    // The VP8 frame header's inverse key-frame flag.
+    p.get(i).is_some_and(|b| b & 0x01 == 0)
+}
+
+fn vp9_keyframe(p: &[u8]) -> bool {
+    let Some(&b0) = p.first() else {
+        return false;
+    };
+    let (picture_id, inter, layers, begins) = (
+        b0 & 0x80 != 0,
+        b0 & 0x40 != 0,
+        b0 & 0x20 != 0,
+        b0 & 0x08 != 0,
+    );
+    if inter || !begins {
+        return false;
+    }
+    if !layers {
+        return true;
+    }
+    let mut i = 1;
+    if picture_id {
+        i += if p.get(1).is_some_and(|b| b & 0x80 != 0) {
+            2
+        } else {
+            1
+        };
+    }
+    // Spatial layer 0 starts the picture.
+    p.get(i).is_some_and(|b| (b >> 1) & 0x07 == 0)
+}
+
+fn h264_keyframe(p: &[u8]) -> bool {
+    const IDR: u8 = 5;
+    const SPS: u8 = 7;
+    let Some(&b0) = p.first() else {
+        return false;
+    };
+    match b0 & 0x1f {
+        IDR | SPS => true,
+        // STAP-A: any aggregated unit.
+        24 => {
+            let mut i = 1;
+            while i + 2 < p.len() {
+                let size = u16::from_be_bytes([p[i], p[i + 1]]) as usize;
+                if matches!(p[i + 2] & 0x1f, IDR | SPS) {
+                    return true;
+                }
+                i += 2 + size;
+            }
+            false
+        }
+        // FU-A: the first fragment of an IDR slice.
+        28 => p
+            .get(1)
+            .is_some_and(|&h| h & 0x80 != 0 && matches!(h & 0x1f, IDR | SPS)),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rids_name_layers_and_a_plain_track_is_one_layer() {
+        let plain = Layers::new(7);
+        assert_eq!(plain.layer(7), Some(0));
+        assert!(!plain.is_simulcast());
+
+        let l = Layers::new(100);
+        l.open(300, Some("f"));
+        l.open(100, Some("q"));
+        l.open(200, Some("h"));
+        assert!(l.is_simulcast());
+        assert_eq!(
+            [l.layer(100), l.layer(200), l.layer(300)],
+            [Some(0), Some(1), Some(2)]
+        );
+        assert_eq!(l.layer(999), None);
+        assert_eq!(l.ssrc(2), 300);
+
+        // Unknown names fill the free slots in order.
+        let l = Layers::new(1);
+        l.open(1, Some("a"));
+        l.open(2, Some("b"));
+        assert_eq!([l.layer(1), l.layer(2)], [Some(0), Some(1)]);
+    }
+
+    #[test]
+    fn only_layers_with_recent_packets_flow() {
+        let l = Layers::new(1);
+        let t = Instant::now();
+        l.saw(0, t);
+        l.saw(2, t);
+        assert_eq!(l.flowing(t + Duration::from_millis(500)), 0b101);
+        l.saw(0, t + Duration::from_millis(1500));
+        assert_eq!(l.flowing(t + Duration::from_millis(1600)), 0b001);
+    }
+
+    #[test]
+    fn the_target_is_the_nearest_flowing_layer() {
+        assert_eq!(target(2, 0b111), Some(2));
+        assert_eq!(target(2, 0b011), Some(1)); // top paused
+        assert_eq!(target(0, 0b110), Some(1)); // only larger ones flow
+        assert_eq!(target(1, 0b101), Some(0));
+        assert_eq!(target(1, 0), None);
+    }
+
+    #[test]
+    fn a_receiver_switches_only_at_a_keyframe_of_its_target() {
+        let mut s = Selector::default();
+        assert_eq!(s.admit(0, Some(0), || false), Verdict::NeedKeyframe);
+        assert_eq!(s.admit(1, Some(0), || true), Verdict::Drop);
+        assert_eq!(s.admit(0, Some(0), || true), Verdict::Switch);
+        assert_eq!(s.admit(0, Some(0), || false), Verdict::Forward);
+        // Asked for more: layer 0 carries on until layer 2 has a keyframe.
+        assert_eq!(s.admit(2, Some(2), || false), Verdict::NeedKeyframe);
+        assert_eq!(s.admit(0, Some(2), || false), Verdict::Forward);
+        assert_eq!(s.admit(2, Some(2), || true), Verdict::Switch);
+        assert_eq!(s.admit(0, Some(2), || true), Verdict::Drop);
+        assert_eq!(s.current(), Some(2));
+    }
+
+    #[test]
+    fn keyframes_are_recognised_per_codec() {
+        // VP8: X=1, S=1; I=1 with a 15-bit picture id; then the frame header.
+        assert!(starts_keyframe(
+            "video/VP8",
+            &[0x90, 0x80, 0x81, 0x23, 0x10]
+        ));
+        assert!(!starts_keyframe(
+            "video/VP8",
+            &[0x90, 0x80, 0x81, 0x23, 0x11]
+        ));
+        // Not the start of the frame.
+        assert!(!starts_keyframe(
+            "video/VP8",
+            &[0x80, 0x80, 0x81, 0x23, 0x10]
+        ));
+        assert!(starts_keyframe(
+            "video/vp8",
+            &[0x10, 0x50, 0x2c, 0x00, 0x9d]
+        ));
+        // VP9: B=1, P=0; with L=1, spatial layer 0 only.
+        assert!(starts_keyframe("video/VP9", &[0x08]));
+        assert!(!starts_keyframe("video/VP9", &[0x48]));
+        assert!(starts_keyframe("video/VP9", &[0xa8, 0x81, 0x02, 0x00]));
+        assert!(!starts_keyframe("video/VP9", &[0xa8, 0x81, 0x02, 0x02]));
+        // H.264: SPS alone, in a STAP-A, and an IDR's first FU-A fragment.
+        assert!(starts_keyframe("video/H264", &[0x67, 0x42]));
+        assert!(starts_keyframe(
+            "video/H264",
+            &[0x78, 0x00, 0x02, 0x67, 0x42, 0x00, 0x01, 0x68]
+        ));
+        assert!(starts_keyframe("video/H264", &[0x7c, 0x85, 0x00]));
+        assert!(!starts_keyframe("video/H264", &[0x7c, 0x05, 0x00]));
+        assert!(!starts_keyframe("video/H264", &[0x41, 0x9a]));
+        assert!(!starts_keyframe("video/VP8", &[]));
+    }
+}
