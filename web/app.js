@@ -133,10 +133,8 @@ const sizes = new ResizeObserver((entries) => {
   }
 });
 
-// Publishing simulcast is experimental (`?simulcast=1`): the server loses a
-// layer's stream when it renegotiates after the browser stopped tagging
-// packets with their layer (docs/signaling.md, "Simulcast").
-const publishSimulcast = new URLSearchParams(location.search).get('simulcast') === '1';
+// Cameras publish simulcast unless the link says `?simulcast=0`.
+const publishSimulcast = new URLSearchParams(location.search).get('simulcast') !== '0';
 
 // Simulcast layers for a camera of this size: smallest first, named as the
 // server expects (q, h, f). Below 960 pixels wide Chrome sends at most two.

@@ -193,6 +193,8 @@ fn media_engine() -> Result<(MediaEngine, Registry), SfuError> {
     let registry = interceptors(&mut me)?;
     // After the default chain, so PLI/FIR reach the application as well.
     let registry = registry.with(Slot::from(14_000), KeyframeRequestTap::default());
+    // Wire-ward of the receiver reports (10_000), which it edits.
+    let registry = registry.with(Slot::from(9_500), crate::simulcast::KeepRidTags::default());
     Ok((me, registry))
 }
 

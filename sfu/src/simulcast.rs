@@ -6,7 +6,14 @@
 //! A layer is known by its RTP stream id (`a=rid`): `q`, `h`, `f` (or `r0`,
 //! `r1`, `r2`) name them from smallest to largest; other ids take the free
 //! slots in the order they appear. A track without rids is one layer.
+//!
+//! [`KeepRidTags`] keeps publishers tagging their packets with the rid, which
+//! the layers of a track are known by.
 
+use rtc::interceptor::{Interceptor, Packet, StreamInfo, TaggedPacket};
+use rtc::rtcp::receiver_report::ReceiverReport;
+use rtc::sansio::Protocol;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -278,6 +285,115 @@ fn h264_keyframe(p: &[u8]) -> bool {
             .get(1)
             .is_some_and(|&h| h & 0x80 != 0 && matches!(h & 0x1f, IDR | SPS)),
         _ => false,
+    }
+}
+
+/// The rid header extension's URI (RFC 8852).
+const RID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
+
+/// Leaves rid-tagged streams out of the SFU's receiver reports.
+///
+/// Why: a browser tags a stream's packets with its rid only until a receiver
+/// report acknowledges the stream, and webrtc-rs 0.21 forgets which SSRC
+/// carries which rid whenever the remote description is set again (every
+/// renegotiation, e.g. when someone joins). Untagged packets then belong
+/// nowhere and are dropped. Without report blocks for those streams the
+/// browser keeps tagging (about 4 bytes a packet), so each renegotiation is
+/// healed by the next packet. The browser still gets transport-wide
+/// congestion feedback for its bandwidth estimate; what it loses for those
+/// streams is the round-trip time and loss fraction of the report blocks.
+///
+/// Sits wire-ward of the receiver-report generator on the way out, so it sees
+/// the reports it makes, and sees incoming RTP before the application does.
+#[derive(Default)]
+pub struct KeepRidTags {
+    /// Remote streams that negotiated the rid extension, with its id.
+    rid_ext: HashMap<u32, u8>,
+    /// Remote streams seen tagged with a rid.
+    tagged: HashSet<u32>,
+    read_queue: VecDeque<TaggedPacket>,
+    write_queue: VecDeque<TaggedPacket>,
+}
+
+impl KeepRidTags {
+    fn saw_rtp(&mut self, pkt: &rtc::rtp::Packet) {
+        let ssrc = pkt.header.ssrc;
+        if self.tagged.contains(&ssrc) {
+            return;
+        }
+        if let Some(&id) = self.rid_ext.get(&ssrc)
+            && pkt.header.get_extension(id).is_some()
+        {
+            self.tagged.insert(ssrc);
+        }
+    }
+
+    /// `packets` without report blocks about tagged streams.
+    fn strip_reports(&self, packets: &mut [Box<dyn rtc::rtcp::Packet>]) {
+        for p in packets.iter_mut() {
+            let Some(rr) = p.as_any().downcast_ref::<ReceiverReport>() else {
+                continue;
+            };
+            if !rr.reports.iter().any(|r| self.tagged.contains(&r.ssrc)) {
+                continue;
+            }
+            let mut kept = rr.clone();
+            kept.reports.retain(|r| !self.tagged.contains(&r.ssrc));
+            *p = Box::new(kept);
+        }
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for KeepRidTags {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtp(pkt) = &msg.message.packet {
+            self.saw_rtp(pkt);
+        }
+        self.read_queue.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.read_queue.pop_front()
+    }
+
+    fn handle_write(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if !self.tagged.is_empty()
+            && let Packet::Rtcp(packets) = &mut msg.message.packet
+        {
+            self.strip_reports(packets);
+        }
+        self.write_queue.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.write_queue.pop_front()
+    }
+}
+
+impl Interceptor for KeepRidTags {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+
+    fn bind_remote_stream(&mut self, info: &StreamInfo) {
+        let rid = info.rtp_header_extensions.iter().find(|e| e.uri == RID_URI);
+        if let Some(ext) = rid
+            && let Ok(id) = u8::try_from(ext.id)
+        {
+            self.rid_ext.insert(info.ssrc, id);
+        }
+    }
+
+    fn unbind_remote_stream(&mut self, info: &StreamInfo) {
+        self.rid_ext.remove(&info.ssrc);
+        self.tagged.remove(&info.ssrc);
     }
 }
 

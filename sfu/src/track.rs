@@ -484,7 +484,7 @@ struct TapLayer {
 impl TapLayer {
     fn admit(
         &mut self,
-        track: &Published,
+        track: &Arc<Published>,
         pkt: &rtp::Packet,
         layer: u8,
         now: Instant,
@@ -499,7 +499,13 @@ impl TapLayer {
         }) {
             Verdict::Forward => {}
             Verdict::Switch => track.tap_layer.store(layer, Ordering::Relaxed),
-            Verdict::Drop | Verdict::NeedKeyframe => return None,
+            Verdict::Drop => return None,
+            Verdict::NeedKeyframe => {
+                // The recorder's own requests go to this layer from now on.
+                track.tap_layer.store(layer, Ordering::Relaxed);
+                track.request_layer_keyframe(layer);
+                return None;
+            }
         }
         let rw = self.rewriter.get_or_insert_with(|| {
             Rewriter::new(
