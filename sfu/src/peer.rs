@@ -93,7 +93,13 @@ struct Negotiation {
     offers_answered: u64,
     /// Receivers on this connection, with the offer that carries them.
     receivers: Vec<(Arc<Receiver>, u64, String)>,
+    /// Candidates that came before the client's first offer (trickle ICE
+    /// may overtake it), applied right after it.
+    early_candidates: Vec<RTCIceCandidateInit>,
 }
+
+/// Most candidates kept while waiting for the first offer.
+const MAX_EARLY_CANDIDATES: usize = 64;
 
 pub struct Participant {
     pub id: String,
@@ -409,6 +415,13 @@ impl Participant {
             .set_remote_description(offer)
             .await
             .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        for c in std::mem::take(&mut n.early_candidates) {
+            if let Err(e) = self.pc.add_ice_candidate(c).await {
+                // No request to answer with an error any more; the others
+                // of the batch still count.
+                warn!(participant = %self.id, "early candidate refused: {e}");
+            }
+        }
         let answer = self.pc.create_answer(None).await?;
         self.pc.set_local_description(answer).await?;
         let sdp = self
@@ -455,6 +468,21 @@ impl Participant {
         if candidate.candidate.is_empty() {
             return Ok(()); // end-of-candidates
         }
+        let mut n = self.negotiation.lock().await;
+        if self.pc.remote_description().await.is_none() {
+            // Checked now, so a bad one still gets its error.
+            let raw = candidate.candidate.trim_start_matches("candidate:");
+            rtc::ice::candidate::unmarshal_candidate(raw)
+                .map_err(|e| SfuError::BadCandidate(e.to_string()))?;
+            if n.early_candidates.len() >= MAX_EARLY_CANDIDATES {
+                return Err(SfuError::BadCandidate(format!(
+                    "more than {MAX_EARLY_CANDIDATES} candidates before an offer"
+                )));
+            }
+            n.early_candidates.push(candidate);
+            return Ok(());
+        }
+        drop(n);
         self.pc
             .add_ice_candidate(candidate)
             .await

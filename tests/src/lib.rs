@@ -168,12 +168,22 @@ impl Signal {
 
     /// The next message of type `ty`, skipping others.
     pub async fn expect(&mut self, ty: &str, within: Duration) -> anyhow::Result<Value> {
+        Ok(self.skipping_until(ty, within).await?.1)
+    }
+
+    /// The messages before the next one of type `ty`, and that one.
+    pub async fn skipping_until(
+        &mut self,
+        ty: &str,
+        within: Duration,
+    ) -> anyhow::Result<(Vec<Value>, Value)> {
         let deadline = Instant::now() + within;
+        let mut skipped = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, self.rx.recv()).await {
-                Ok(Some(v)) if v["type"] == ty => return Ok(v),
-                Ok(Some(_)) => continue,
+                Ok(Some(v)) if v["type"] == ty => return Ok((skipped, v)),
+                Ok(Some(v)) => skipped.push(v),
                 Ok(None) => bail!("connection closed while waiting for {ty:?}"),
                 Err(_) => bail!("no {ty:?} message within {within:?}"),
             }

@@ -68,6 +68,15 @@ async fn bad_input_is_refused_and_the_meeting_keeps_flowing() {
     assert_eq!(error_code(&mut bad).await, "bad_sdp");
     bad.send(json!({"type": "candidate", "candidate": {"candidate": "candidate:garbage", "sdpMid": "0"}}));
     assert_eq!(error_code(&mut bad).await, "bad_candidate");
+    // A good candidate that overtook the offer is kept for it, not refused.
+    let early = "candidate:1 1 udp 2122260223 127.0.0.1 54321 typ host";
+    bad.send(json!({"type": "candidate", "candidate": {"candidate": early, "sdpMid": "0"}}));
+    bad.send(json!({"type": "ping"}));
+    let (before_pong, _) = bad
+        .skipping_until("pong", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(before_pong.is_empty(), "{before_pong:?}");
     bad.send(json!({"type": "mute", "kind": "smell", "muted": true}));
     assert_eq!(error_code(&mut bad).await, "bad_message");
     bad.send(json!({"type": "video_quality", "track_id": "nobody-nothing", "quality": "low"}));
