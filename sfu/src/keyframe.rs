@@ -5,6 +5,7 @@ use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket}
 use rtc::rtcp;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::sender_report::SenderReport;
 use rtc::sansio::Protocol;
 use std::collections::VecDeque;
@@ -80,9 +81,11 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestTap {
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
         if let Packet::Rtcp(packets) = &msg.message.packet
-            && packets
-                .iter()
-                .any(|p| is_keyframe_request(p.as_ref()) || p.as_any().is::<SenderReport>())
+            && packets.iter().any(|p| {
+                is_keyframe_request(p.as_ref())
+                    || p.as_any().is::<SenderReport>()
+                    || p.as_any().is::<ReceiverReport>()
+            })
         {
             msg.message.add(Attribute::DeliverToApplication);
         }

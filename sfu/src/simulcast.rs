@@ -139,6 +139,54 @@ pub fn target(requested: u8, flowing: u8) -> Option<u8> {
         .find(|l| flowing & (1 << l) != 0)
 }
 
+/// A report's loss above which a receiver goes a layer down (10 %), and
+/// below which it counts as calm (2 %); `fraction_lost` is out of 256.
+const LOSSY: u8 = 26;
+const CALM: u8 = 5;
+/// Calm this long before trying a layer up again.
+const CALM_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The largest layer a receiver's own reception allows: one layer below the
+/// one it is on when a receiver report shows heavy loss, one layer more
+/// after a calm spell. Plain data: the caller supplies reports and the clock.
+#[derive(Clone, Copy, Debug)]
+pub struct LossCeiling {
+    ceiling: u8,
+    calm_since: Option<Instant>,
+}
+
+impl Default for LossCeiling {
+    fn default() -> Self {
+        LossCeiling {
+            ceiling: MAX_LAYERS as u8 - 1,
+            calm_since: None,
+        }
+    }
+}
+
+impl LossCeiling {
+    /// Takes one report about the stream, sent while on layer `current`;
+    /// returns the ceiling.
+    pub fn report(&mut self, fraction_lost: u8, current: Option<u8>, now: Instant) -> u8 {
+        let top = MAX_LAYERS as u8 - 1;
+        if fraction_lost > LOSSY {
+            if let Some(c) = current {
+                self.ceiling = self.ceiling.min(c.saturating_sub(1));
+            }
+            self.calm_since = None;
+        } else if fraction_lost < CALM {
+            let since = *self.calm_since.get_or_insert(now);
+            if self.ceiling < top && now.duration_since(since) >= CALM_FOR {
+                self.ceiling += 1;
+                self.calm_since = Some(now);
+            }
+        } else {
+            self.calm_since = None;
+        }
+        self.ceiling
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Send it: the layer the receiver is on.
@@ -460,6 +508,26 @@ mod tests {
         assert_eq!(s.admit(2, Some(2), || true), Verdict::Switch);
         assert_eq!(s.admit(0, Some(2), || true), Verdict::Drop);
         assert_eq!(s.current(), Some(2));
+    }
+
+    #[test]
+    fn heavy_loss_lowers_the_ceiling_and_calm_raises_it_slowly() {
+        let t = Instant::now();
+        let s = |secs: u64| t + Duration::from_secs(secs);
+        let mut c = LossCeiling::default();
+        assert_eq!(c.report(0, Some(2), s(0)), 2);
+        // 20 % lost on the top layer: one down; still lossy there: one more.
+        assert_eq!(c.report(51, Some(2), s(1)), 1);
+        assert_eq!(c.report(51, Some(2), s(2)), 1); // not switched yet
+        assert_eq!(c.report(51, Some(1), s(3)), 0);
+        // Moderate loss holds; calm for 10 s raises one layer, then 10 s more.
+        assert_eq!(c.report(10, Some(0), s(4)), 0);
+        assert_eq!(c.report(0, Some(0), s(5)), 0);
+        assert_eq!(c.report(0, Some(0), s(14)), 0);
+        assert_eq!(c.report(0, Some(0), s(15)), 1);
+        assert_eq!(c.report(0, Some(1), s(20)), 1);
+        assert_eq!(c.report(0, Some(1), s(25)), 2);
+        assert_eq!(c.report(0, Some(2), s(60)), 2);
     }
 
     #[test]

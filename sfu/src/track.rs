@@ -15,6 +15,7 @@ use crate::simulcast::{self, Layers, MAX_LAYERS, Selector, Verdict};
 use crate::tap::{TapSender, Tapped};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RtpCodecKind};
@@ -98,6 +99,10 @@ pub struct Receiver {
     ready: AtomicBool,
     /// The simulcast layer it asked for (default: the largest).
     requested: AtomicU8,
+    /// The largest layer its reception allows ([`simulcast::LossCeiling`]).
+    ceiling: AtomicU8,
+    /// The SSRC it receives this track on.
+    out_ssrc: u32,
     /// The layer it is on; `NO_LAYER` before the first.
     current: AtomicU8,
 }
@@ -273,7 +278,9 @@ impl Published {
             queue: tx,
             ready: AtomicBool::new(false),
             requested: AtomicU8::new(simulcast::Quality::High.layer()),
+            ceiling: AtomicU8::new(simulcast::Quality::High.layer()),
             current: AtomicU8::new(NO_LAYER),
+            out_ssrc,
         });
         self.receivers.rcu(|list| {
             let mut list = Vec::clone(list);
@@ -361,7 +368,8 @@ impl Published {
 impl Receiver {
     /// The layer it should be on, given the layers that flow.
     fn target(&self, flowing: u8) -> Option<u8> {
-        simulcast::target(self.requested.load(Ordering::Relaxed), flowing)
+        let wanted = self.requested.load(Ordering::Relaxed);
+        simulcast::target(wanted.min(self.ceiling.load(Ordering::Relaxed)), flowing)
     }
 
     /// Called once the receiver's leg has been negotiated.
@@ -460,9 +468,28 @@ async fn make_rewriter(track: &Published, r: &Receiver, out_ssrc: u32) -> Option
     Some(Rewriter::new(out_ssrc, codec.payload_type, map))
 }
 
-/// Relays the receiver's keyframe requests to the publisher.
+/// Relays the receiver's keyframe requests to the publisher, and lowers
+/// its simulcast layer while its reports show heavy loss.
 async fn feedback_loop(track: Arc<Published>, r: Arc<Receiver>) {
+    let mut ceiling = simulcast::LossCeiling::default();
     while let Some(TrackLocalEvent::OnRtcpPacket(pkts)) = r.local.poll().await {
+        let blocks = pkts
+            .iter()
+            .filter_map(|p| p.as_any().downcast_ref::<ReceiverReport>())
+            .flat_map(|rr| rr.reports.iter())
+            .filter(|b| b.ssrc == r.out_ssrc);
+        for b in blocks {
+            let current = match r.current.load(Ordering::Relaxed) {
+                NO_LAYER => None,
+                layer => Some(layer),
+            };
+            let now = ceiling.report(b.fraction_lost, current, Instant::now());
+            if r.ceiling.swap(now, Ordering::Relaxed) != now {
+                debug!(subscriber = %r.subscriber, track = %track.info.id,
+                    lost = b.fraction_lost, ceiling = now, "simulcast ceiling changed by loss");
+            }
+            trace!(subscriber = %r.subscriber, track = %track.info.id, lost = b.fraction_lost, "receiver report");
+        }
         if pkts.iter().any(|p| is_keyframe_request(p.as_ref())) {
             match r.current.load(Ordering::Relaxed) {
                 NO_LAYER => {}
