@@ -63,6 +63,16 @@ async function openPage(path, origin = base) {
   return page;
 }
 
+// The demo login schedules a meeting and opens it as its moderator.
+async function scheduleMeeting(name, title) {
+  const page = await openPage('/');
+  await page.fill('#name', name);
+  await page.fill('#title', title);
+  await page.click('button[type=submit]');
+  await page.waitForURL(/\/m\/[0-9a-f]{16}$/);
+  return { page, path: new URL(page.url()).pathname };
+}
+
 // Decoded frames of every remote <video>, in tile order.
 function remoteFrames(frame) {
   return frame.evaluate(() => [...document.querySelectorAll('.tile.remote video')]
@@ -108,12 +118,7 @@ async function assertMediaFlowing(frame, remotes, label) {
 
 test('three people meet; one leaves and the others drop the tile; the organizer moderates', async () => {
   // Ana schedules the meeting on the demo page and becomes its moderator.
-  const ana = await openPage('/');
-  await ana.fill('#name', 'Ana');
-  await ana.fill('#title', 'Standup');
-  await ana.click('button[type=submit]');
-  await ana.waitForURL(/\/m\/[0-9a-f]{16}$/);
-  const path = new URL(ana.url()).pathname;
+  const { page: ana, path } = await scheduleMeeting('Ana', 'Standup');
   const pages = [ana];
   for (const n of ['Bo', 'Cy']) pages.push(await openPage(`${path}?name=${n}`));
   const names = ['Ana', 'Bo', 'Cy'];
@@ -177,12 +182,7 @@ function resizeRemoteTiles(page, px) {
 }
 
 test('each viewer gets the simulcast layer that fits its tile, also after renegotiation', async () => {
-  const ana = await openPage('/');
-  await ana.fill('#name', 'Ana');
-  await ana.fill('#title', 'Layers');
-  await ana.click('button[type=submit]');
-  await ana.waitForURL(/\/m\/[0-9a-f]{16}$/);
-  const path = new URL(ana.url()).pathname;
+  const { page: ana, path } = await scheduleMeeting('Ana', 'Layers');
   const bo = await openPage(`${path}?name=Bo`);
   await assertMediaFlowing(ana, 1, 'Ana');
   // Bo's 640×480 camera goes out as two layers: 320×240 (h) and 640×480 (f).
@@ -207,12 +207,7 @@ test('each viewer gets the simulcast layer that fits its tile, also after renego
 });
 
 test('the moderator records; the recordings list shows it and it plays to the end', async () => {
-  const ana = await openPage('/');
-  await ana.fill('#name', 'Ana');
-  await ana.fill('#title', 'Recorded review');
-  await ana.click('button[type=submit]');
-  await ana.waitForURL(/\/m\/[0-9a-f]{16}$/);
-  const path = new URL(ana.url()).pathname;
+  const { page: ana, path } = await scheduleMeeting('Ana', 'Recorded review');
   const bo = await openPage(`${path}?name=Bo`);
   await assertMediaFlowing(ana, 1, 'Ana');
   assert.ok(await bo.locator('#record').isHidden(), 'participants cannot record');

@@ -67,6 +67,28 @@ fn ffprobe(bytes: &[u8], entries: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+fn spool_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("confer-spool-{:016x}", rand::random::<u64>()))
+}
+
+/// Records `room` straight through the recorder (3 s segments, uploaded as
+/// they complete), as a node would.
+fn record(
+    server: &TestServer,
+    room: &str,
+    s3: Arc<dyn Store>,
+    spool: &std::path::Path,
+) -> confer_recorder::Running {
+    let settings = Settings {
+        segment: Duration::from_secs(3),
+        spool: spool.to_owned(),
+        upload_segments: true,
+        ..Default::default()
+    };
+    let room = server.state.sfu.room(room).unwrap();
+    confer_recorder::start(room, "Recorded".into(), s3, settings)
+}
+
 async fn meeting(server: &TestServer, room: &str) -> (Client, Client) {
     let vp8 = Arc::new(vp8_test_frames(2).unwrap());
     let media = |hz| RealMedia::tone(hz, vp8.clone());
@@ -192,18 +214,8 @@ async fn an_s3_outage_while_storing_ends_with_a_complete_file() {
     let server = TestServer::start().await.unwrap();
     let (_a, _b) = meeting(&server, "outage").await;
     let s3: Arc<dyn Store> = Arc::new(S3Store::new(&settings(&g)));
-    let spool = std::env::temp_dir().join(format!("confer-spool-{:016x}", rand::random::<u64>()));
-    let rec = confer_recorder::start(
-        server.state.sfu.room("outage").unwrap(),
-        "Outage".into(),
-        s3.clone(),
-        Settings {
-            segment: Duration::from_secs(3),
-            spool: spool.clone(),
-            upload_segments: true,
-            ..Default::default()
-        },
-    );
+    let spool = spool_dir();
+    let rec = record(&server, "outage", s3.clone(), &spool);
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(4)).await;
     g.pause(); // the S3 server goes away mid-recording...
@@ -238,19 +250,8 @@ async fn a_lost_machine_loses_at_most_the_segment_in_progress() {
     let server = TestServer::start().await.unwrap();
     let (_a, _b) = meeting(&server, "lost").await;
     let s3: Arc<dyn Store> = Arc::new(S3Store::new(&settings(&g)));
-    let tmp = || std::env::temp_dir().join(format!("confer-spool-{:016x}", rand::random::<u64>()));
-    let spool = tmp();
-    let rec = confer_recorder::start(
-        server.state.sfu.room("lost").unwrap(),
-        "Lost".into(),
-        s3.clone(),
-        Settings {
-            segment: Duration::from_secs(3),
-            spool: spool.clone(),
-            upload_segments: true,
-            ..Default::default()
-        },
-    );
+    let spool = spool_dir();
+    let rec = record(&server, "lost", s3.clone(), &spool);
     let parts = async || {
         let keys = s3.list(store::PREFIX).await.unwrap();
         keys.into_iter()
@@ -275,7 +276,7 @@ async fn a_lost_machine_loses_at_most_the_segment_in_progress() {
     // Another node looks while the recorder still lives: its heartbeat is
     // fresh, so the recording is left alone.
     let keep = chrono::Duration::days(30);
-    let elsewhere = tmp();
+    let elsewhere = spool_dir();
     let now = chrono::Utc::now();
     let found = confer_recorder::recover_orphans(&elsewhere, s3.as_ref(), keep, now).await;
     assert!(found.unwrap().is_empty());
@@ -291,7 +292,7 @@ async fn a_lost_machine_loses_at_most_the_segment_in_progress() {
         .unwrap();
     assert_eq!(found.len(), 1);
     let m = &found[0];
-    assert_eq!(m.title, "Lost");
+    assert_eq!(m.title, "Recorded");
     let mut names: Vec<_> = m.participants.iter().map(|p| p.name.as_str()).collect();
     names.sort();
     assert_eq!(names, ["ann", "ben"]);
