@@ -98,10 +98,13 @@ function tileFor(id, name, local = false) {
   label.className = 'label';
   el.append(video, placeholder, label);
   grid.append(el);
-  t = { el, video, label, stream: new MediaStream(), name, audioMuted: false, videoMuted: false, quality: null };
+  t = { el, video, label, stream: new MediaStream(), name, audioMuted: false, videoMuted: false, quality: null, visible: true };
   video.srcObject = t.stream;
   tiles.set(id, t);
-  if (!local) sizes.observe(video);
+  if (!local) {
+    sizes.observe(video);
+    sights.observe(video);
+  }
   renderTile(id);
   renderPeople();
   return t;
@@ -111,15 +114,16 @@ function tileFor(id, name, local = false) {
 // Cameras publish two or three sizes (simulcast); each remote tile asks the
 // server for the one that fits the space it has on screen, so a grid of
 // small tiles costs little bandwidth and decoding.
-function qualityFor(video) {
-  const px = video.clientWidth * (window.devicePixelRatio || 1);
+function qualityFor(t) {
+  if (!t.visible) return 'off';
+  const px = t.video.clientWidth * (window.devicePixelRatio || 1);
   if (px <= 360) return 'low';
   if (px <= 720) return 'medium';
   return 'high';
 }
 
 function askQuality(t, force = false) {
-  const quality = qualityFor(t.video);
+  const quality = qualityFor(t);
   if (!force && quality === t.quality) return;
   t.quality = quality;
   for (const track of t.stream.getVideoTracks()) send({ type: 'video_quality', track_id: track.id, quality });
@@ -130,6 +134,18 @@ const sizes = new ResizeObserver((entries) => {
     const id = e.target.parentElement && e.target.parentElement.dataset.participant;
     const t = id && tiles.get(id);
     if (t) askQuality(t);
+  }
+});
+
+// A tile out of sight (scrolled away in a large grid, or hidden) asks for no
+// video at all until it shows again.
+const sights = new IntersectionObserver((entries) => {
+  for (const e of entries) {
+    const id = e.target.parentElement && e.target.parentElement.dataset.participant;
+    const t = id && tiles.get(id);
+    if (!t) continue;
+    t.visible = e.isIntersecting;
+    askQuality(t);
   }
 });
 

@@ -23,18 +23,26 @@ pub const MAX_LAYERS: usize = 3;
 /// bandwidth estimate dropped it, or its window is too small for it).
 const PAUSED_AFTER_MS: u64 = 1000;
 
-/// What receivers ask for; the SFU gives the nearest layer that flows.
+/// What receivers ask for; the SFU gives the nearest layer that flows, or
+/// nothing for `Off` (a tile scrolled out of sight).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Quality {
     Low,
     Medium,
     High,
+    Off,
 }
+
+/// The requested "layer" of a receiver that asked for nothing.
+pub const OFF: u8 = u8::MAX;
 
 impl Quality {
     pub fn layer(self) -> u8 {
-        self as u8
+        match self {
+            Quality::Off => OFF,
+            q => q as u8,
+        }
     }
 }
 
@@ -133,6 +141,9 @@ impl Layers {
 /// The layer to send a receiver that asked for `requested`: the largest
 /// flowing one not above it, else the smallest flowing one.
 pub fn target(requested: u8, flowing: u8) -> Option<u8> {
+    if requested == OFF {
+        return None;
+    }
     (0..=requested.min(MAX_LAYERS as u8 - 1))
         .rev()
         .chain(requested + 1..MAX_LAYERS as u8)
@@ -493,6 +504,7 @@ mod tests {
         assert_eq!(target(0, 0b110), Some(1)); // only larger ones flow
         assert_eq!(target(1, 0b101), Some(0));
         assert_eq!(target(1, 0), None);
+        assert_eq!(target(Quality::Off.layer(), 0b111), None);
     }
 
     #[test]

@@ -114,6 +114,9 @@ enum Feed {
     Rtp(rtp::Packet, Instant, u8),
     /// The receiver's leg is negotiated: learn its payload type and extension ids.
     Negotiated,
+    /// The receiver asks for video again after `Quality::Off`: start over
+    /// from a keyframe.
+    Resumed,
 }
 
 impl Published {
@@ -203,9 +206,11 @@ impl Published {
                     }
                     let flowing = self.layers.flowing(arrived);
                     for r in self.receivers.load().iter() {
-                        // Only the layer it is on and the one it is to go to.
-                        if layer != r.current.load(Ordering::Relaxed)
-                            && Some(layer) != r.target(flowing)
+                        // Nothing for a receiver that asked for none; else only
+                        // the layer it is on and the one it is to go to.
+                        if r.requested.load(Ordering::Relaxed) == simulcast::OFF
+                            || layer != r.current.load(Ordering::Relaxed)
+                                && Some(layer) != r.target(flowing)
                         {
                             continue;
                         }
@@ -350,7 +355,13 @@ impl Published {
         let Some(r) = receivers.iter().find(|r| r.subscriber == subscriber) else {
             return false;
         };
-        r.requested.store(quality.layer(), Ordering::Relaxed);
+        if self.info.kind != TrackKind::Video {
+            return true; // a video setting; audio is always sent
+        }
+        let was = r.requested.swap(quality.layer(), Ordering::Relaxed);
+        if was == simulcast::OFF && quality != simulcast::Quality::Off {
+            let _ = r.queue.try_send(Feed::Resumed);
+        }
         true
     }
 
@@ -402,6 +413,12 @@ async fn send_loop(
                     let flowing = track.layers.flowing(Instant::now());
                     track.request_layer_keyframe(r.target(flowing).unwrap_or(0));
                 }
+            }
+            Feed::Resumed => {
+                selector = Selector::default();
+                r.current.store(NO_LAYER, Ordering::Relaxed);
+                let flowing = track.layers.flowing(Instant::now());
+                track.request_layer_keyframe(r.target(flowing).unwrap_or(0));
             }
             Feed::Rtp(mut pkt, arrived, layer) => {
                 let Some(rw) = rewriter.as_mut() else {

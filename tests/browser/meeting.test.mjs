@@ -157,13 +157,14 @@ test('three people meet; one leaves and the others drop the tile; the organizer 
 // Decoded width and frames of each remote video, and the layers the page publishes.
 function videoStats(page) {
   return page.evaluate(async () => {
-    const out = { widths: [], frames: 0, sent: [] };
+    const out = { widths: [], frames: 0, packets: 0, sent: [] };
     const pc = window.confer && window.confer.pc;
     if (!pc) return out;
     (await pc.getStats()).forEach((s) => {
       if (s.type === 'inbound-rtp' && s.kind === 'video') {
         out.widths.push(s.frameWidth || 0);
         out.frames += s.framesDecoded || 0;
+        out.packets += s.packetsReceived || 0;
       }
       if (s.type === 'outbound-rtp' && s.kind === 'video' && s.rid) out.sent.push(s.rid);
     });
@@ -203,6 +204,19 @@ test('each viewer gets the simulcast layer that fits its tile, also after renego
     assert.deepEqual(after.widths, [width, width], `still ${width} px`);
     assert.ok(after.frames > before + 40, `frames decoded after the switch: ${before} → ${after.frames}`);
   }
+
+  // Tiles out of sight get no video at all, and get it back when shown.
+  const showTiles = (shown) => ana.evaluate((on) => {
+    for (const t of document.querySelectorAll('.tile.remote')) t.style.display = on ? '' : 'none';
+  }, shown);
+  await showTiles(false);
+  await new Promise((r) => setTimeout(r, 1500));
+  const hidden1 = (await videoStats(ana)).packets;
+  await new Promise((r) => setTimeout(r, 2000));
+  const hidden2 = (await videoStats(ana)).packets;
+  assert.ok(hidden2 - hidden1 < 10, `video kept coming to hidden tiles: ${hidden1} → ${hidden2}`);
+  await showTiles(true);
+  await assertMediaFlowing(ana, 2, 'Ana, tiles shown again');
   for (const p of [ana, bo, cy]) await p.context().close();
 });
 
