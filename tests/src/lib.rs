@@ -357,6 +357,47 @@ fn local_track(
     )))
 }
 
+/// A video track sent as simulcast layers, `(rid, ssrc)` smallest first.
+fn simulcast_track<const N: usize>(
+    name: &str,
+    track_id: &str,
+    layers: [(&str, u32); N],
+) -> Arc<TrackLocalStaticRTP> {
+    let encodings = layers
+        .iter()
+        .map(|(rid, ssrc)| RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                rid: (*rid).to_owned(),
+                ssrc: Some(*ssrc),
+                ..Default::default()
+            },
+            codec: rtc::rtp_transceiver::rtp_sender::RTCRtpCodec {
+                mime_type: "video/VP8".into(),
+                clock_rate: 90000,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .collect();
+    Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        format!("{name}-stream"),
+        track_id.to_owned(),
+        format!("{name} {track_id}"),
+        RtpCodecKind::Video,
+        encodings,
+    )))
+}
+
+/// One simulcast layer being sent.
+struct Layer {
+    local: Arc<TrackLocalStaticRTP>,
+    sender: Arc<dyn webrtc::rtp_transceiver::RtpSender>,
+    transceiver: Arc<dyn webrtc::rtp_transceiver::RtpTransceiver>,
+    rid: &'static str,
+    ssrc: u32,
+    frames: Arc<Vec<Vec<u8>>>,
+}
+
 impl Client {
     /// Joins `room` as `name`, publishing audio and video if `publish`.
     pub async fn join(
@@ -487,6 +528,7 @@ impl Client {
         let pc: Arc<dyn PeerConnection> = Arc::new(pc);
 
         let mut locals = Vec::new();
+        let mut layers = Vec::new();
         if publish {
             for kind in [Kind::Audio, Kind::Video] {
                 let ssrc: u32 = rand::random();
@@ -495,6 +537,38 @@ impl Client {
                     Kind::Video => video_codec.unwrap_or("video/VP8"),
                 };
                 let track_id = format!("{name}-{kind:?}").to_lowercase();
+                if let (Kind::Video, Media::Real(real)) = (kind, &media)
+                    && let Some(small) = &real.small
+                {
+                    let small_ssrc: u32 = rand::random();
+                    let local = simulcast_track(name, &track_id, [("h", small_ssrc), ("f", ssrc)]);
+                    let init = webrtc::rtp_transceiver::RTCRtpTransceiverInit {
+                        direction: webrtc::rtp_transceiver::RTCRtpTransceiverDirection::Sendonly,
+                        streams: vec![],
+                        send_encodings: vec![],
+                    };
+                    let t = pc
+                        .add_transceiver_from_track(
+                            local.clone() as Arc<dyn TrackLocal>,
+                            Some(init),
+                        )
+                        .await?;
+                    let sender = t.sender().await?.context("no sender")?;
+                    for (rid, ssrc, frames) in [
+                        ("h", small_ssrc, small.clone()),
+                        ("f", ssrc, real.vp8.clone()),
+                    ] {
+                        layers.push(Layer {
+                            local: local.clone(),
+                            sender: sender.clone(),
+                            transceiver: t.clone(),
+                            rid,
+                            ssrc,
+                            frames,
+                        });
+                    }
+                    continue;
+                }
                 let local = local_track(name, &track_id, kind, codec, ssrc);
                 let sender = pc.add_track(local.clone() as Arc<dyn TrackLocal>).await?;
                 locals.push((kind, local, sender, ssrc));
@@ -540,6 +614,11 @@ impl Client {
                 connected.clone(),
                 media.clone(),
             ));
+        }
+        if let Media::Real(real) = &media {
+            for layer in layers {
+                tokio::spawn(send_layer(layer, connected.clone(), real.clone()));
+            }
         }
         Ok(Client {
             name: name.to_owned(),
@@ -737,7 +816,8 @@ async fn send_media(
     media: Media,
 ) {
     if let Media::Real(real) = media {
-        return send_real_media(kind, local, sender, ssrc, connected, real).await;
+        let frames = real.vp8.clone();
+        return send_real_media(kind, local, sender, ssrc, connected, real, frames, None).await;
     }
     let (interval, ts_step) = match kind {
         Kind::Audio => (Duration::from_millis(20), 960),
@@ -801,6 +881,9 @@ pub struct RealMedia {
     pub tone_hz: f64,
     /// VP8 frames at 30 fps, sent in a loop.
     pub vp8: Arc<Vec<Vec<u8>>>,
+    /// With these, the video is published as simulcast: these frames on
+    /// layer `h`, `vp8` on layer `f`.
+    pub small: Option<Arc<Vec<Vec<u8>>>>,
     /// Sound only in 100 ms beeps every 2 s, in step with video frames 0-2
     /// of every 60 (where [`vp8_flash_frames`] flashes).
     pub beeps: bool,
@@ -815,6 +898,7 @@ impl RealMedia {
         Arc::new(RealMedia {
             tone_hz,
             vp8,
+            small: None,
             beeps: false,
             start: Default::default(),
         })
@@ -825,7 +909,24 @@ impl RealMedia {
         Arc::new(RealMedia {
             tone_hz,
             vp8: flashes,
+            small: None,
             beeps: true,
+            start: Default::default(),
+        })
+    }
+
+    /// A tone, and video as two simulcast layers: `small` (rid `h`) and
+    /// `big` (rid `f`).
+    pub fn simulcast(
+        tone_hz: f64,
+        small: Arc<Vec<Vec<u8>>>,
+        big: Arc<Vec<Vec<u8>>>,
+    ) -> Arc<RealMedia> {
+        Arc::new(RealMedia {
+            tone_hz,
+            vp8: big,
+            small: Some(small),
+            beeps: false,
             start: Default::default(),
         })
     }
@@ -844,6 +945,20 @@ pub fn vp8_flash_frames(seconds: u32) -> anyhow::Result<Vec<Vec<u8>>> {
 /// every second, made by the ffmpeg command-line tool.
 pub fn vp8_test_frames(seconds: u32) -> anyhow::Result<Vec<Vec<u8>>> {
     vp8_frames(&format!("testsrc=size=320x240:rate=30:duration={seconds}"))
+}
+
+/// The same test picture at 160×120, for a smaller simulcast layer.
+pub fn vp8_small_test_frames(seconds: u32) -> anyhow::Result<Vec<Vec<u8>>> {
+    vp8_frames(&format!("testsrc=size=160x120:rate=30:duration={seconds}"))
+}
+
+/// Width of the VP8 keyframe starting in `payload` (an RTP payload with a
+/// one-byte descriptor, as the test clients send), if it starts one.
+pub fn vp8_keyframe_width(payload: &[u8]) -> Option<u16> {
+    let frame = payload.get(1..)?;
+    let keyframe = payload.first()? & 0x10 != 0 && frame.first()? & 0x01 == 0;
+    (keyframe && frame.get(3..6)? == [0x9d, 0x01, 0x2a])
+        .then(|| u16::from_le_bytes([frame[6], frame[7]]) & 0x3fff)
 }
 
 fn vp8_frames(lavfi: &str) -> anyhow::Result<Vec<Vec<u8>>> {
@@ -881,6 +996,25 @@ fn vp8_frames(lavfi: &str) -> anyhow::Result<Vec<Vec<u8>>> {
     Ok(frames)
 }
 
+async fn send_layer(layer: Layer, connected: Arc<Mutex<bool>>, real: Arc<RealMedia>) {
+    let tag = Some((layer.rid, layer.transceiver));
+    let (local, sender) = (layer.local, layer.sender);
+    send_real_media(
+        Kind::Video,
+        local,
+        sender,
+        layer.ssrc,
+        connected,
+        real,
+        layer.frames,
+        tag,
+    )
+    .await
+}
+
+/// Sends `real`'s media: for video, `frames`; a simulcast layer's packets
+/// are tagged with their transceiver's mid and their rid, as browsers do.
+#[allow(clippy::too_many_arguments)]
 async fn send_real_media(
     kind: Kind,
     local: Arc<TrackLocalStaticRTP>,
@@ -888,6 +1022,11 @@ async fn send_real_media(
     ssrc: u32,
     connected: Arc<Mutex<bool>>,
     real: Arc<RealMedia>,
+    frames: Arc<Vec<Vec<u8>>>,
+    layer: Option<(
+        &'static str,
+        Arc<dyn webrtc::rtp_transceiver::RtpTransceiver>,
+    )>,
 ) {
     let interval = match kind {
         Kind::Audio => Duration::from_millis(20),
@@ -904,6 +1043,30 @@ async fn send_real_media(
         return;
     };
     let pt = params.rtp_parameters.codecs.first().map(|c| c.payload_type);
+    let ext_id = |uri: &str| {
+        params
+            .rtp_parameters
+            .header_extensions
+            .iter()
+            .find(|e| e.uri == uri)
+            .map(|e| e.id as u8)
+    };
+    let mut tags: Vec<(u8, Bytes)> = Vec::new();
+    if let Some((rid, transceiver)) = &layer {
+        let mid = transceiver.mid().await.ok().flatten().unwrap_or_default();
+        let uris = [
+            ("urn:ietf:params:rtp-hdrext:sdes:mid", mid.into_bytes()),
+            (
+                "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id",
+                rid.as_bytes().to_vec(),
+            ),
+        ];
+        for (uri, value) in uris {
+            if let Some(id) = ext_id(uri) {
+                tags.push((id, Bytes::from(value)));
+            }
+        }
+    }
     // Audio and video start on the same instant, so frame n of the video
     // and the audio at n × 33.3 ms were meant to be heard and seen together.
     let start = *real
@@ -937,7 +1100,7 @@ async fn send_real_media(
                 vec![(out[..len].to_vec(), false)]
             }
             Kind::Video => {
-                let frame = &real.vp8[(n as usize) % real.vp8.len()];
+                let frame = &frames[(n as usize) % frames.len()];
                 let chunks: Vec<&[u8]> = frame.chunks(1000).collect();
                 let last = chunks.len() - 1;
                 chunks
@@ -953,7 +1116,7 @@ async fn send_real_media(
             }
         };
         for (payload, marker) in packets {
-            let pkt = rtp::Packet {
+            let mut pkt = rtp::Packet {
                 header: rtp::header::Header {
                     version: 2,
                     marker,
@@ -965,6 +1128,9 @@ async fn send_real_media(
                 },
                 payload: Bytes::from(payload),
             };
+            for (id, value) in &tags {
+                let _ = pkt.header.set_extension(*id, value.clone());
+            }
             if local.write_rtp(pkt).await.is_err() {
                 return;
             }
