@@ -202,7 +202,8 @@ test('each viewer gets the simulcast layer that fits its tile, also after renego
     await new Promise((r) => setTimeout(r, 2000));
     const after = await videoStats(ana);
     assert.deepEqual(after.widths, [width, width], `still ${width} px`);
-    assert.ok(after.frames > before + 40, `frames decoded after the switch: ${before} → ${after.frames}`);
+    // Two videos at 5 fps or more: a busy CI machine decodes about 10.
+    assert.ok(after.frames > before + 20, `frames decoded after the switch: ${before} → ${after.frames}`);
   }
 
   // Tiles out of sight get no video at all, and get it back when shown.
