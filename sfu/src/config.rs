@@ -26,6 +26,10 @@ pub struct SfuConfig {
     pub disconnect_timeout: Duration,
     /// Most participants one room admits.
     pub max_participants: usize,
+    /// Estimate each receiver's downlink from its congestion feedback and
+    /// send it only the video layers that fit. Off: every receiver gets what
+    /// its tile size and loss ask for.
+    pub bandwidth_estimation: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -49,6 +53,7 @@ impl Default for SfuConfig {
             empty_room_grace: Duration::from_secs(30),
             disconnect_timeout: Duration::from_secs(5),
             max_participants: 100,
+            bandwidth_estimation: true,
         }
     }
 }

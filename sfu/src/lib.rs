@@ -10,6 +10,7 @@
 //! - [`track`]: a published track, its receivers and the forwarding loop.
 //! - [`forward`]: the per-receiver RTP rewrite, as plain data.
 //! - [`simulcast`]: layers, the layer each receiver gets, keyframes.
+//! - [`bandwidth`]: each receiver's estimated downlink and the layers that fit.
 //! - [`keyframe`]: PLI/FIR relay, coalesced and rate-limited.
 //! - [`tap`]: a room's media as it arrives, for the recorder.
 //! - [`config`]: media-plane settings.
@@ -17,6 +18,7 @@
 //! The SFU knows nothing of tokens, schedules or WebSockets: signaling admits
 //! a participant with [`Sfu::join`] and relays the [`PeerEvent`]s it gets back.
 
+pub mod bandwidth;
 pub mod config;
 mod error;
 pub mod forward;

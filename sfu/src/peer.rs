@@ -6,6 +6,7 @@
 //! the client rolls its own back. Offers the SFU needs while one is in flight
 //! are batched into the next one.
 
+use crate::bandwidth::{Backoff, Estimate, Reporting};
 use crate::config::SfuConfig;
 use crate::error::SfuError;
 use crate::keyframe::KeyframeRequestTap;
@@ -118,6 +119,10 @@ pub struct Participant {
     closed: AtomicBool,
     /// Last connection state, as `RTCPeerConnectionState as u8`.
     state: AtomicU8,
+    /// Its downlink as estimated from its congestion feedback.
+    pub(crate) estimate: Estimate,
+    /// When its allocation may next go up.
+    pub(crate) backoff: Mutex<Backoff>,
 }
 
 enum PcEvent {
@@ -158,8 +163,10 @@ const NACK_BUFFER: u16 = 256;
 
 /// webrtc's default chain (NACK both ways, receiver-side TWCC, sender and
 /// receiver reports, simulcast header extensions), with a smaller NACK buffer.
-fn interceptors(me: &mut MediaEngine) -> Result<Registry, SfuError> {
-    use rtc::interceptor::{NackGeneratorBuilder, NackResponderBuilder};
+fn interceptors(me: &mut MediaEngine, estimate: Option<Estimate>) -> Result<Registry, SfuError> {
+    use rtc::interceptor::{
+        CongestionControlBuilder, NackGeneratorBuilder, NackResponderBuilder, TwccSenderBuilder,
+    };
     use rtc::peer_connection::configuration::interceptor_registry as chain;
     use rtc::rtp_transceiver::rtp_sender::RTCPFeedback;
     for parameter in ["", "pli"] {
@@ -182,10 +189,22 @@ fn interceptors(me: &mut MediaEngine) -> Result<Registry, SfuError> {
             NackGeneratorBuilder::new().build(),
         );
     let registry = chain::configure_twcc_receiver_only(registry, me)?;
+    // Send-side estimation without a pacer: the SFU forwards what publishers
+    // paced already, and the allocation keeps each receiver within its
+    // estimate by choosing layers.
+    let registry = match estimate {
+        Some(estimate) => registry
+            .with(
+                chain::Slot::CongestionControl,
+                CongestionControlBuilder::new(Reporting::new(estimate)).build(),
+            )
+            .with(chain::Slot::TwccSender, TwccSenderBuilder::new().build()),
+        None => registry,
+    };
     Ok(chain::configure_rtcp_reports(registry))
 }
 
-fn media_engine() -> Result<(MediaEngine, Registry), SfuError> {
+fn media_engine(estimate: Option<Estimate>) -> Result<(MediaEngine, Registry), SfuError> {
     let mut me = MediaEngine::default();
     // Opus, VP8, VP9, H.264 (and RTX for each video codec).
     me.register_default_codecs()?;
@@ -196,7 +215,7 @@ fn media_engine() -> Result<(MediaEngine, Registry), SfuError> {
         RtpCodecKind::Audio,
         None,
     )?;
-    let registry = interceptors(&mut me)?;
+    let registry = interceptors(&mut me, estimate)?;
     // After the default chain, so PLI/FIR reach the application as well.
     let registry = registry.with(Slot::from(14_000), KeyframeRequestTap::default());
     // Wire-ward of the receiver reports (10_000), which it edits.
@@ -208,8 +227,10 @@ async fn build_pc(
     config: &SfuConfig,
     port: u16,
     handler: Arc<Handler>,
+    estimate: &Estimate,
 ) -> Result<Arc<dyn PeerConnection>, SfuError> {
-    let (media_engine, registry) = media_engine()?;
+    let estimate = config.bandwidth_estimation.then(|| estimate.clone());
+    let (media_engine, registry) = media_engine(estimate)?;
     // No mDNS: a server has no use for .local names (a browser hiding behind
     // one is found by its connectivity checks), and opening the multicast
     // socket fails with ENODEV where there is no multicast route, as in many
@@ -251,11 +272,12 @@ pub(crate) async fn connect(
         pc_events: pc_tx,
         events: events.clone(),
     });
+    let estimate = Estimate::default();
     let mut last_err = None;
     let mut built = None;
     for _ in 0..sfu.ports.span().min(64) {
         let Some(port) = sfu.ports.take() else { break };
-        match build_pc(&sfu.config, port, handler.clone()).await {
+        match build_pc(&sfu.config, port, handler.clone(), &estimate).await {
             Ok(pc) => {
                 built = Some((pc, port));
                 break;
@@ -288,6 +310,8 @@ pub(crate) async fn connect(
         sfu: Arc::downgrade(sfu),
         closed: AtomicBool::new(false),
         state: AtomicU8::new(RTCPeerConnectionState::New as u8),
+        estimate,
+        backoff: Mutex::new(Backoff::default()),
     });
     tokio::spawn(pc_event_loop(Arc::downgrade(&p), pc_rx));
     Ok(p)

@@ -1,16 +1,18 @@
 //! Rooms: who is in them, what they publish, and the events everyone is told.
 
+use crate::bandwidth::{self, Demand};
 use crate::config::SfuConfig;
 use crate::error::SfuError;
 use crate::peer::{self, Participant, PortPool};
+use crate::simulcast;
 use crate::tap::{TAP_CAPACITY, TapSender, TapTrack, Tapped};
-use crate::track::{Published, TrackInfo, TrackKind};
+use crate::track::{Published, Receiver, TrackInfo, TrackKind};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
-use tracing::{debug, info};
+use tracing::{debug, info, trace};
 use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::RTCIceCandidateInit;
 
@@ -128,6 +130,12 @@ pub enum PeerEvent {
         by: String,
         kind: TrackKind,
     },
+    /// A video track does not fit in this participant's downlink and is not
+    /// sent to it (`paused`), or is sent again.
+    VideoPaused {
+        track_id: String,
+        paused: bool,
+    },
 }
 
 /// The media plane: all rooms of this process.
@@ -243,7 +251,7 @@ impl Sfu {
                     tap: Mutex::new(None),
                     recording: Mutex::new(None),
                 });
-                tokio::spawn(speaker_loop(Arc::downgrade(&room)));
+                tokio::spawn(tick_loop(Arc::downgrade(&room)));
                 info!(room = id, "room created");
                 self.tell_observer(Lifecycle::RoomOpened {
                     room: id.to_owned(),
@@ -657,6 +665,70 @@ impl Room {
         );
     }
 
+    /// Gives each receiver with a bandwidth estimate the video layers that
+    /// fit in it, after the audio it receives.
+    fn allocate_bandwidth(&self) {
+        let (participants, tracks, speaker) = {
+            let inner = self.inner.lock().unwrap();
+            (
+                inner.participants.clone(),
+                inner.tracks.clone(),
+                inner.speaker.clone(),
+            )
+        };
+        let now = std::time::Instant::now();
+        type Wants = (u64, Vec<(Arc<Published>, Arc<Receiver>, Demand)>);
+        let mut wants: HashMap<&str, Wants> = participants
+            .iter()
+            .filter(|p| p.estimate.bits_per_second().is_some())
+            .map(|p| (p.id.as_str(), (0, Vec::new())))
+            .collect();
+        if wants.is_empty() {
+            return;
+        }
+        for t in &tracks {
+            let rates = bandwidth::rates(t.layers.rates(), t.layers.flowing(now));
+            let speaks = speaker.as_deref() == Some(t.publisher.as_str());
+            for r in t.receivers().iter() {
+                let Some((audio, video)) = wants.get_mut(r.subscriber.as_str()) else {
+                    continue;
+                };
+                match t.info.kind {
+                    TrackKind::Audio => *audio += rates[0] as u64,
+                    TrackKind::Video => video.push((t.clone(), r.clone(), r.demand(rates, speaks))),
+                }
+            }
+        }
+        for p in &participants {
+            let (Some(bps), Some((audio, video))) =
+                (p.estimate.bits_per_second(), wants.get(p.id.as_str()))
+            else {
+                continue;
+            };
+            trace!(participant = %p.id, estimate = bps, audio, "bandwidth");
+            let demands: Vec<Demand> = video.iter().map(|(_, _, d)| *d).collect();
+            let mut backoff = p.backoff.lock().unwrap();
+            let upgrades = backoff.may_upgrade(now);
+            let layers = bandwidth::allocate(bps.saturating_sub(*audio), &demands, upgrades);
+            let (mut down, mut up) = (false, false);
+            for ((t, r, d), layer) in video.iter().zip(layers) {
+                let (lowered, raised) = bandwidth::change(d, layer);
+                (down, up) = (down || lowered, up || raised);
+                r.allow(layer, &t.info.id);
+                if (d.allowed == simulcast::OFF) != (layer == simulcast::OFF) {
+                    p.send(PeerEvent::VideoPaused {
+                        track_id: t.info.id.clone(),
+                        paused: layer == simulcast::OFF,
+                    });
+                }
+            }
+            if down || up {
+                debug!(participant = %p.id, estimate = bps, audio, down, up, "bandwidth allocation changed");
+            }
+            backoff.record(now, down, up);
+        }
+    }
+
     /// Picks the loudest audio publisher, with hysteresis so the highlight
     /// does not flicker between two people talking over each other.
     fn update_speaker(&self) {
@@ -698,11 +770,18 @@ impl Room {
     }
 }
 
-async fn speaker_loop(room: Weak<Room>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(300));
-    loop {
+/// The room's periodic work: the active speaker, the layers that fit each
+/// receiver's bandwidth.
+async fn tick_loop(room: Weak<Room>) {
+    const TICK: Duration = Duration::from_millis(250);
+    let mut tick = tokio::time::interval(TICK);
+    let allocate_every = (bandwidth::ALLOCATE_EVERY.as_millis() / TICK.as_millis()).max(1);
+    for n in 0u128.. {
         tick.tick().await;
         let Some(room) = room.upgrade() else { return };
         room.update_speaker();
+        if n % allocate_every == 0 {
+            room.allocate_bandwidth();
+        }
     }
 }

@@ -64,6 +64,8 @@ pub struct Layers {
     seen: [AtomicU64; MAX_LAYERS],
     epoch: Instant,
     simulcast: AtomicBool,
+    /// Smoothed bit/s of each layer, from [`RateMeter`].
+    rate: [AtomicU32; MAX_LAYERS],
 }
 
 impl Layers {
@@ -74,6 +76,7 @@ impl Layers {
             seen: Default::default(),
             epoch: Instant::now(),
             simulcast: AtomicBool::new(false),
+            rate: Default::default(),
         }
     }
 
@@ -124,6 +127,11 @@ impl Layers {
         }
     }
 
+    /// Smoothed bit/s of each layer as the publisher sends it (0: none yet).
+    pub fn rates(&self) -> [u32; MAX_LAYERS] {
+        std::array::from_fn(|l| self.rate[l].load(Ordering::Relaxed))
+    }
+
     /// Bit `n` set: layer `n` had a packet within the last second.
     pub fn flowing(&self, now: Instant) -> u8 {
         let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64 + 1;
@@ -135,6 +143,43 @@ impl Layers {
                 bits
             }
         })
+    }
+}
+
+/// Measures each layer's rate over half-second windows, for the bandwidth
+/// allocation. Kept by the track's forwarding task: per packet it only adds.
+#[derive(Default)]
+pub struct RateMeter {
+    bytes: [u64; MAX_LAYERS],
+    since: Option<Instant>,
+}
+
+impl RateMeter {
+    const WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
+
+    /// Counts a packet of `bytes` (payload) on `layer`, and publishes the
+    /// rates to `layers` when a window is over.
+    pub fn add(&mut self, layers: &Layers, layer: u8, bytes: usize, now: Instant) {
+        // The RTP header, its extensions and the SRTP tag: about 30 bytes.
+        self.bytes[layer as usize % MAX_LAYERS] += bytes as u64 + 30;
+        let since = *self.since.get_or_insert(now);
+        let span = now.saturating_duration_since(since);
+        if span < Self::WINDOW {
+            return;
+        }
+        for (l, bytes) in self.bytes.iter_mut().enumerate() {
+            let bps = (*bytes * 8 * 1000 / span.as_millis() as u64).min(u32::MAX as u64) as u32;
+            let old = layers.rate[l].load(Ordering::Relaxed);
+            // Smoothed over about three windows: keyframes come in bursts.
+            let new = if old == 0 {
+                bps
+            } else {
+                ((old as u64 * 2 + bps as u64) / 3) as u32
+            };
+            layers.rate[l].store(new, Ordering::Relaxed);
+            *bytes = 0;
+        }
+        self.since = Some(now);
     }
 }
 

@@ -8,6 +8,7 @@
 //! With simulcast, a receiver is handed only the layer it is on and the one
 //! it is switching to (see [`crate::simulcast`]).
 
+use crate::bandwidth::Demand;
 use crate::forward::{AUDIO_LEVEL_URI, ExtensionMap, Rewriter, SilenceFilter, audio_level};
 use crate::keyframe::{Decision, Limiter, is_keyframe_request};
 use crate::peer::Participant;
@@ -101,6 +102,8 @@ pub struct Receiver {
     requested: AtomicU8,
     /// The largest layer its reception allows ([`simulcast::LossCeiling`]).
     ceiling: AtomicU8,
+    /// The largest layer its bandwidth allows ([`crate::bandwidth`]); `OFF`: none.
+    allowed: AtomicU8,
     /// The SSRC it receives this track on.
     out_ssrc: u32,
     /// The layer it is on; `NO_LAYER` before the first.
@@ -163,6 +166,7 @@ impl Published {
         let mut silence = SilenceFilter::default();
         let mut tap = TapLayer::default();
         let mut per_layer = [0u64; MAX_LAYERS + 1];
+        let mut rates = simulcast::RateMeter::default();
         while let Some(evt) = self.remote.poll().await {
             match evt {
                 TrackRemoteEvent::OnOpen(init) => {
@@ -204,14 +208,15 @@ impl Published {
                     if !silence.admit(&mut pkt, level) {
                         continue;
                     }
+                    rates.add(&self.layers, layer, pkt.payload.len(), arrived);
                     let flowing = self.layers.flowing(arrived);
                     for r in self.receivers.load().iter() {
-                        // Nothing for a receiver that asked for none; else only
+                        // Nothing for a receiver that may have none; else only
                         // the layer it is on and the one it is to go to.
-                        if r.requested.load(Ordering::Relaxed) == simulcast::OFF
-                            || layer != r.current.load(Ordering::Relaxed)
-                                && Some(layer) != r.target(flowing)
-                        {
+                        let Some(target) = r.target(flowing) else {
+                            continue;
+                        };
+                        if layer != target && layer != r.current.load(Ordering::Relaxed) {
                             continue;
                         }
                         if r.queue
@@ -284,6 +289,7 @@ impl Published {
             ready: AtomicBool::new(false),
             requested: AtomicU8::new(simulcast::Quality::High.layer()),
             ceiling: AtomicU8::new(simulcast::Quality::High.layer()),
+            allowed: AtomicU8::new(simulcast::Quality::High.layer()),
             current: AtomicU8::new(NO_LAYER),
             out_ssrc,
         });
@@ -358,11 +364,15 @@ impl Published {
         if self.info.kind != TrackKind::Video {
             return true; // a video setting; audio is always sent
         }
-        let was = r.requested.swap(quality.layer(), Ordering::Relaxed);
-        if was == simulcast::OFF && quality != simulcast::Quality::Off {
-            let _ = r.queue.try_send(Feed::Resumed);
-        }
+        let was_off = r.is_off();
+        r.requested.store(quality.layer(), Ordering::Relaxed);
+        r.resume_if_on(was_off);
         true
+    }
+
+    /// Its receivers, for the bandwidth allocation.
+    pub(crate) fn receivers(&self) -> Arc<Vec<Arc<Receiver>>> {
+        self.receivers.load_full()
     }
 
     async fn send_pli(&self, layer: u8) {
@@ -377,10 +387,56 @@ impl Published {
 }
 
 impl Receiver {
-    /// The layer it should be on, given the layers that flow.
+    /// The layer it should be on, given the layers that flow; None: none.
     fn target(&self, flowing: u8) -> Option<u8> {
-        let wanted = self.requested.load(Ordering::Relaxed);
-        simulcast::target(wanted.min(self.ceiling.load(Ordering::Relaxed)), flowing)
+        let allowed = self.allowed.load(Ordering::Relaxed);
+        match self.wanted() {
+            simulcast::OFF => None,
+            _ if allowed == simulcast::OFF => None,
+            wanted => simulcast::target(wanted.min(allowed), flowing),
+        }
+    }
+
+    /// The largest layer it asks for and its reception allows; `OFF`: none.
+    fn wanted(&self) -> u8 {
+        match self.requested.load(Ordering::Relaxed) {
+            simulcast::OFF => simulcast::OFF,
+            requested => requested.min(self.ceiling.load(Ordering::Relaxed)),
+        }
+    }
+
+    fn is_off(&self) -> bool {
+        self.requested.load(Ordering::Relaxed) == simulcast::OFF
+            || self.allowed.load(Ordering::Relaxed) == simulcast::OFF
+    }
+
+    /// After a change that may have turned it back on: video starts over
+    /// from a keyframe.
+    fn resume_if_on(&self, was_off: bool) {
+        if was_off && !self.is_off() {
+            let _ = self.queue.try_send(Feed::Resumed);
+        }
+    }
+
+    /// What it asks of the bandwidth allocation, given the rates of the
+    /// track's layers (0: not flowing).
+    pub(crate) fn demand(&self, rates: [u32; MAX_LAYERS], speaker: bool) -> Demand {
+        Demand {
+            wanted: self.wanted(),
+            rates,
+            allowed: self.allowed.load(Ordering::Relaxed),
+            speaker,
+        }
+    }
+
+    /// Sets the largest layer its bandwidth allows (`OFF`: none).
+    pub(crate) fn allow(&self, layer: u8, track: &str) {
+        let was_off = self.is_off();
+        let was = self.allowed.swap(layer, Ordering::Relaxed);
+        if was != layer {
+            debug!(subscriber = %self.subscriber, track, layer, was, "layer allowed by bandwidth changed");
+        }
+        self.resume_if_on(was_off);
     }
 
     /// Called once the receiver's leg has been negotiated.

@@ -137,6 +137,13 @@ pub enum ServerMessage {
         #[serde(skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// A video track is not sent to this participant because it does not
+    /// fit in its downlink (`paused`), or is sent again.
+    VideoPaused {
+        track_id: String,
+        paused: bool,
+        reason: &'static str,
+    },
     /// The room closes at `closes_at` (RFC 3339).
     MeetingEnding {
         closes_at: String,
@@ -270,6 +277,7 @@ mod tests {
             "muted_by_moderator",
             "meeting_ending",
             "recording",
+            "video_paused",
         ];
         for m in &server {
             assert!(
@@ -286,6 +294,16 @@ mod tests {
         assert!(
             server.contains(&ours),
             "meeting_ending example differs from {ours}"
+        );
+        let paused = serde_json::to_value(ServerMessage::VideoPaused {
+            track_id: "p7d1k2x9q0-5266e793".into(),
+            paused: true,
+            reason: "bandwidth",
+        })
+        .unwrap();
+        assert!(
+            server.contains(&paused),
+            "video_paused differs from {paused}"
         );
         let code = serde_json::to_value(ErrorCode::HomeServerUnreachable).unwrap();
         assert!(doc.contains(&format!("`{}`", code.as_str().unwrap())));

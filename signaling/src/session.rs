@@ -432,6 +432,11 @@ impl Session {
             PeerEvent::MutedByModerator { by, kind } => {
                 ServerMessage::MutedByModerator { by, kind }
             }
+            PeerEvent::VideoPaused { track_id, paused } => ServerMessage::VideoPaused {
+                track_id,
+                reason: "bandwidth",
+                paused,
+            },
             PeerEvent::Room(e) => match e {
                 RoomEvent::ParticipantJoined(participant) => {
                     ServerMessage::ParticipantJoined { participant }

@@ -35,6 +35,7 @@ use webrtc::peer_connection::{
     register_default_interceptors,
 };
 
+pub mod bottleneck;
 pub mod garage;
 pub mod lossy;
 pub mod radicale;
@@ -307,20 +308,44 @@ pub fn check_payload(p: &[u8]) -> Option<(u8, Kind, u32)> {
     (payload(p[1], kind, counter) == p).then_some((p[1], kind, counter))
 }
 
+/// What happens to the packets a test client receives before it sees them.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum LastHop {
+    #[default]
+    Clean,
+    /// Every n-th video packet is lost once ([`lossy::DropVideo`]).
+    DropVideo(u32),
+    /// A link of `bits_per_second` that queues up to `buffer`
+    /// ([`bottleneck::Bottleneck`]).
+    Bottleneck {
+        bits_per_second: u64,
+        buffer: Duration,
+    },
+}
+
 fn client_media_engine(
-    drop_video_every: Option<u32>,
+    hop: LastHop,
     dropped: &Arc<AtomicUsize>,
 ) -> anyhow::Result<(MediaEngine, Registry)> {
     let mut me = MediaEngine::default();
     me.register_default_codecs()?;
-    let mut registry = register_default_interceptors(Registry::new(), &mut me)?;
-    if let Some(every) = drop_video_every {
-        // Nearest the wire, before the NACK generator sees what arrived.
-        registry = registry.with(
-            rtc::interceptor::Slot::from(500),
-            lossy::DropVideo::new(every, dropped.clone()),
-        );
-    }
+    let registry = register_default_interceptors(Registry::new(), &mut me)?;
+    // Nearest the wire, before the NACK generator and the congestion
+    // feedback see what arrived.
+    let wire = rtc::interceptor::Slot::from(500);
+    let registry = match hop {
+        LastHop::Clean => registry,
+        LastHop::DropVideo(every) => {
+            registry.with(wire, lossy::DropVideo::new(every, dropped.clone()))
+        }
+        LastHop::Bottleneck {
+            bits_per_second,
+            buffer,
+        } => registry.with(
+            wire,
+            bottleneck::Bottleneck::new(bits_per_second, buffer, dropped.clone()),
+        ),
+    };
     Ok((me, registry))
 }
 
@@ -438,7 +463,7 @@ impl Client {
             index,
             video_codec,
             Media::Synthetic,
-            None,
+            LastHop::Clean,
         )
         .await
     }
@@ -460,9 +485,21 @@ impl Client {
             index,
             Some("video/VP8"),
             Media::Synthetic,
-            Some(every),
+            LastHop::DropVideo(every),
         )
         .await
+    }
+
+    /// Joins publishing nothing, receiving through `hop`.
+    pub async fn join_behind(
+        server: &TestServer,
+        name: &str,
+        room: &str,
+        index: u8,
+        hop: LastHop,
+    ) -> anyhow::Result<Client> {
+        let token = server.token(name, room);
+        Self::join_with_media(server, name, &token, index, None, Media::Synthetic, hop).await
     }
 
     /// Joins publishing real Opus (a tone) and VP8 (given frames).
@@ -480,7 +517,7 @@ impl Client {
             index,
             Some("video/VP8"),
             Media::Real(media),
-            None,
+            LastHop::Clean,
         )
         .await
     }
@@ -492,7 +529,7 @@ impl Client {
         index: u8,
         video_codec: Option<&str>,
         media: Media,
-        drop_video_every: Option<u32>,
+        hop: LastHop,
     ) -> anyhow::Result<Client> {
         let publish = video_codec.is_some();
         let mut signal = Signal::connect(&server.ws_url()).await?;
@@ -511,7 +548,7 @@ impl Client {
             connected: connected.clone(),
         });
         let dropped_video = Arc::new(AtomicUsize::new(0));
-        let (me, registry) = client_media_engine(drop_video_every, &dropped_video)?;
+        let (me, registry) = client_media_engine(hop, &dropped_video)?;
         let pc = PeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_media_engine(me)
@@ -673,7 +710,8 @@ impl Client {
         self.negotiation.rollbacks.load(Ordering::Relaxed)
     }
 
-    /// How many received video packets the lossy hop dropped.
+    /// How many received packets the last hop dropped (with a bottleneck:
+    /// of any kind).
     pub fn dropped_video(&self) -> usize {
         self.dropped_video.load(Ordering::Relaxed)
     }
@@ -947,9 +985,13 @@ pub fn vp8_test_frames(seconds: u32) -> anyhow::Result<Vec<Vec<u8>>> {
     vp8_frames(&format!("testsrc=size=320x240:rate=30:duration={seconds}"))
 }
 
-/// The same test picture at 160×120, for a smaller simulcast layer.
+/// The same test picture at 160×120 and about 70 kbit/s, for a smaller
+/// simulcast layer (the 320×240 one is about 220 kbit/s).
 pub fn vp8_small_test_frames(seconds: u32) -> anyhow::Result<Vec<Vec<u8>>> {
-    vp8_frames(&format!("testsrc=size=160x120:rate=30:duration={seconds}"))
+    vp8_frames_at(
+        &format!("testsrc=size=160x120:rate=30:duration={seconds}"),
+        "60k",
+    )
 }
 
 /// Width of the VP8 keyframe starting in `payload` (an RTP payload with a
@@ -962,6 +1004,10 @@ pub fn vp8_keyframe_width(payload: &[u8]) -> Option<u16> {
 }
 
 fn vp8_frames(lavfi: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    vp8_frames_at(lavfi, "300k")
+}
+
+fn vp8_frames_at(lavfi: &str, bitrate: &str) -> anyhow::Result<Vec<Vec<u8>>> {
     let path = std::env::temp_dir().join(format!("confer-vp8-{:016x}.ivf", rand::random::<u64>()));
     let status = std::process::Command::new("ffmpeg")
         .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
@@ -972,7 +1018,7 @@ fn vp8_frames(lavfi: &str) -> anyhow::Result<Vec<Vec<u8>>> {
             "-g",
             "30",
             "-b:v",
-            "300k",
+            bitrate,
             "-deadline",
             "realtime",
             "-f",

@@ -1,10 +1,11 @@
 //! Simulcast through the SFU with real VP8 in two layers (160×120 as `h`,
-//! 320×240 as `f`): a receiver gets the larger one, and a receiver that loses
-//! a quarter of its video is moved to the smaller one.
+//! 320×240 as `f`): a receiver gets the larger one; a receiver that loses a
+//! quarter of its video, or whose link is too slow for the larger one, is
+//! moved to the smaller one.
 
 use confer_tests::{
-    Client, Kind, RealMedia, TestServer, init_logging, vp8_keyframe_width, vp8_small_test_frames,
-    vp8_test_frames,
+    Client, Kind, LastHop, RealMedia, TestServer, init_logging, vp8_keyframe_width,
+    vp8_small_test_frames, vp8_test_frames,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,19 +28,12 @@ async fn a_receiver_losing_packets_gets_the_smaller_layer() {
         .await
         .unwrap();
 
-    // Widths of the keyframes a client got from Bo, in arrival order.
-    let widths = |c: &Client| -> Vec<u16> {
-        c.received(&bo.participant_id, Kind::Video)
-            .packets
-            .iter()
-            .filter_map(|(_, p)| vp8_keyframe_width(p))
-            .collect()
-    };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (c, a) = (widths(&cy), widths(&ann));
-        let settled =
-            |w: &[u16], want: u16| w.len() >= 3 && w[w.len() - 3..].iter().all(|&x| x == want);
+        let (c, a) = (
+            keyframe_widths(&cy, &bo.participant_id),
+            keyframe_widths(&ann, &bo.participant_id),
+        );
         if settled(&c, 320) && settled(&a, 160) {
             break;
         }
@@ -55,4 +49,108 @@ async fn a_receiver_losing_packets_gets_the_smaller_layer() {
         "the lossy hop dropped only {}",
         ann.dropped_video()
     );
+}
+
+/// Widths of the keyframes `c` got from `publisher`, in arrival order.
+fn keyframe_widths(c: &Client, publisher: &str) -> Vec<u16> {
+    c.received(publisher, Kind::Video)
+        .packets
+        .iter()
+        .filter_map(|(_, p)| vp8_keyframe_width(p))
+        .collect()
+}
+
+/// The last three keyframes were `want` wide.
+fn settled(widths: &[u16], want: u16) -> bool {
+    widths.len() >= 3 && widths[widths.len() - 3..].iter().all(|&x| x == want)
+}
+
+/// Ann's link carries 250 kbit/s: the small layer and the sound (~150k)
+/// fit, the big layer and the sound (~300k) do not. Its buffer is deep, so
+/// nothing is lost: only the delay grows, and only the SFU's bandwidth
+/// estimate (from Ann's congestion feedback) can notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_behind_a_slow_link_gets_the_layer_that_fits() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    let small = Arc::new(vp8_small_test_frames(2).unwrap());
+    let big = Arc::new(vp8_test_frames(2).unwrap());
+    let media = RealMedia::simulcast(440.0, small, big);
+    let bo = Client::join_real(&server, "bo", &server.token("bo", "slow"), 1, media)
+        .await
+        .unwrap();
+    let cy = Client::join(&server, "cy", "slow", 2, false).await.unwrap();
+    let hop = LastHop::Bottleneck {
+        bits_per_second: 250_000,
+        buffer: Duration::from_secs(30),
+    };
+    let ann = Client::join_behind(&server, "ann", "slow", 3, hop)
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (c, a) = (
+            keyframe_widths(&cy, &bo.participant_id),
+            keyframe_widths(&ann, &bo.participant_id),
+        );
+        if settled(&c, 320) && settled(&a, 160) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keyframe widths: clean {c:?}, slow {a:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(ann.dropped_video(), 0, "the slow link should only delay");
+    // Still flowing, and still heard.
+    let before = ann.received(&bo.participant_id, Kind::Video).packets.len();
+    let heard = ann.received(&bo.participant_id, Kind::Audio).packets.len();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(ann.received(&bo.participant_id, Kind::Video).packets.len() > before + 10);
+    assert!(ann.received(&bo.participant_id, Kind::Audio).packets.len() > heard + 25);
+}
+
+/// Ann's link carries 110 kbit/s: Bo's sound fits, no video layer does. The
+/// server stops sending her the video, tells her so, and the sound gets
+/// through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn video_that_fits_no_layer_is_paused_and_the_sound_goes_on() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    let small = Arc::new(vp8_small_test_frames(2).unwrap());
+    let big = Arc::new(vp8_test_frames(2).unwrap());
+    let media = RealMedia::simulcast(440.0, small, big);
+    let bo = Client::join_real(&server, "bo", &server.token("bo", "thin"), 1, media)
+        .await
+        .unwrap();
+    let hop = LastHop::Bottleneck {
+        bits_per_second: 110_000,
+        buffer: Duration::from_secs(30),
+    };
+    let ann = Client::join_behind(&server, "ann", "thin", 2, hop)
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let paused = loop {
+        if let Some(e) = ann.events_of("video_paused").first() {
+            break e.clone();
+        }
+        assert!(Instant::now() < deadline, "no video_paused");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(paused["paused"], true);
+    assert_eq!(paused["reason"], "bandwidth");
+    let track = paused["track_id"].as_str().unwrap();
+    assert!(track.starts_with(&bo.participant_id), "{track}");
+
+    // Once the queue has drained, sound arrives and video does not.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let count = |kind| ann.received(&bo.participant_id, kind).packets.len();
+    let (video, audio) = (count(Kind::Video), count(Kind::Audio));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(count(Kind::Audio) > audio + 80, "sound should go on");
+    assert!(count(Kind::Video) < video + 10, "video should stop");
 }
