@@ -98,7 +98,7 @@ function tileFor(id, name, local = false) {
   label.className = 'label';
   el.append(video, placeholder, label);
   grid.append(el);
-  t = { el, video, label, stream: new MediaStream(), name, audioMuted: false, videoMuted: false, quality: null, visible: true };
+  t = { el, video, label, stream: new MediaStream(), name, audioMuted: false, videoMuted: false, quality: null, visible: true, paused: new Set() };
   video.srcObject = t.stream;
   tiles.set(id, t);
   if (!local) {
@@ -176,13 +176,15 @@ function renderTile(id) {
   const flags = [];
   if (t.audioMuted) flags.push('muted');
   if (t.videoMuted) flags.push('no video');
+  else if (t.paused.size) flags.push('video paused: your connection is too slow');
   if (flags.length) {
     const span = document.createElement('span');
     span.className = 'flags';
     span.textContent = flags.join(', ');
     t.label.append(span);
   }
-  const live = t.stream.getVideoTracks().some((v) => v.readyState === 'live');
+  // A video the server paused for bandwidth shows the placeholder, not a frozen picture.
+  const live = t.stream.getVideoTracks().some((v) => v.readyState === 'live' && !t.paused.has(v.id));
   t.el.classList.toggle('has-video', live && !t.videoMuted);
 }
 
@@ -327,7 +329,7 @@ function newPeer(iceServers) {
     t.stream.addTrack(e.track);
     if (e.track.kind === 'video') askQuality(t, true);
     e.track.onunmute = () => renderTile(owner);
-    e.track.onended = () => { t.stream.removeTrack(e.track); renderTile(owner); };
+    e.track.onended = () => { t.stream.removeTrack(e.track); t.paused.delete(e.track.id); renderTile(owner); };
     renderTile(owner);
     t.video.play().catch(() => {});
   };
@@ -400,6 +402,13 @@ async function handle(msg) {
       }
       break;
     }
+    case 'video_paused':
+      for (const [pid, t] of tiles) {
+        if (!t.stream.getVideoTracks().some((v) => v.id === msg.track_id)) continue;
+        if (msg.paused) t.paused.add(msg.track_id); else t.paused.delete(msg.track_id);
+        renderTile(pid);
+      }
+      break;
     case 'muted_by_moderator': {
       const track = localStream.getAudioTracks()[0];
       if (track && track.enabled) setMicMuted(true, false);
