@@ -519,6 +519,40 @@ mod tests {
         assert!(!cfg.demo_mode());
     }
 
+    /// The Kubernetes example: its file with the variables its Deployment
+    /// sets (from the node and from the Secret), and the image's defaults.
+    #[test]
+    fn kubernetes_example_is_valid() {
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let manifest = std::fs::read_to_string(deploy.join("kubernetes/deployment.yaml")).unwrap();
+        let dockerfile = std::fs::read_to_string(deploy.join("Dockerfile")).unwrap();
+        let mut vars: Vec<(String, String)> = manifest
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("- name: CONFER_"))
+            .map(|name| {
+                let value = match name {
+                    "SFU_ICE_IP" => "10.0.0.5".to_owned(),
+                    _ => "a-secret-from-kubernetes-0123456789abcdef".to_owned(),
+                };
+                (format!("CONFER_{name}"), value)
+            })
+            .collect();
+        assert!(vars.len() >= 7, "{vars:?}");
+        let image_env = dockerfile
+            .lines()
+            .find_map(|l| l.strip_prefix("ENV "))
+            .unwrap();
+        for pair in image_env.split_whitespace() {
+            let (name, value) = pair.split_once('=').unwrap();
+            vars.push((name.to_owned(), value.to_owned()));
+        }
+        let cfg = Config::load(Some(&deploy.join("kubernetes/confer.toml")), vars)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!cfg.demo_mode());
+        assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/confer"));
+        assert_eq!(cfg.sfu.ice_ip.to_string(), "10.0.0.5");
+    }
+
     #[test]
     fn env_overrides_file_and_is_typed() {
         let cfg = Config::load(

@@ -90,9 +90,44 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(%addr, demo, "Confer is serving on http://{addr}/");
     // Scripts read this line to find the port when they asked for port 0.
     println!("confer listening on http://{addr}/");
-    confer_signaling::serve(listener, state, async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    let recordings = state.recordings.clone();
+    tokio::select! {
+        served = confer_signaling::serve(listener, state, std::future::pending()) => served?,
+        () = stop_requested() => {
+            // Participants' clients reconnect when the socket drops; a
+            // recording is stored now rather than recovered at next start.
+            tracing::info!("shutting down: storing recordings in progress");
+            let finishing = recordings.finish_all("the server is shutting down");
+            match tokio::time::timeout(SHUTDOWN_GRACE, finishing).await {
+                Ok(n) => tracing::info!(recordings = n, "stopped"),
+                Err(_) => tracing::warn!(
+                    "recordings were still being stored after {SHUTDOWN_GRACE:?}; the next start finishes them"
+                ),
+            }
+        }
+    }
     Ok(())
+}
+
+/// How long a shutdown waits for recordings to be stored: below the 30 s
+/// that Kubernetes and systemd wait before killing.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(25);
+
+/// Ctrl-C, or SIGTERM (systemd, Docker and Kubernetes stopping it).
+async fn stop_requested() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("SIGTERM cannot be handled: {e}");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
 }

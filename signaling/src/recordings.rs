@@ -245,6 +245,22 @@ impl Recordings {
         self.stop_because(room_id, reason, None)
     }
 
+    /// Stops every recording in progress and waits until each is stored
+    /// (or has failed), so that a server shutting down leaves nothing for
+    /// the next start to recover. Returns how many there were.
+    pub async fn finish_all(self: &Arc<Self>, reason: &str) -> usize {
+        let rooms: Vec<String> = self.running.lock().unwrap().keys().cloned().collect();
+        let storing: Vec<_> = rooms
+            .iter()
+            .filter_map(|room| self.stop_storing(room, reason, Some(reason)).ok())
+            .collect();
+        let count = storing.len();
+        for (_, task) in storing {
+            let _ = task.await;
+        }
+        count
+    }
+
     /// As [`Self::stop`]; `told` is the reason the room is given, if any.
     fn stop_because(
         self: &Arc<Self>,
@@ -252,6 +268,16 @@ impl Recordings {
         reason: &str,
         told: Option<&str>,
     ) -> Result<String, RecordingError> {
+        self.stop_storing(room_id, reason, told).map(|(id, _)| id)
+    }
+
+    /// Stops the room's recording; the task that stores it.
+    fn stop_storing(
+        self: &Arc<Self>,
+        room_id: &str,
+        reason: &str,
+        told: Option<&str>,
+    ) -> Result<(String, tokio::task::JoinHandle<()>), RecordingError> {
         let r = self
             .running
             .lock()
@@ -270,7 +296,7 @@ impl Recordings {
         );
         let me = self.clone();
         let room_id = room_id.to_owned();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             match r.stop().await {
                 Ok(m) => me.available(&m),
                 Err(e) => {
@@ -281,7 +307,7 @@ impl Recordings {
                 }
             }
         });
-        Ok(id)
+        Ok((id, task))
     }
 
     fn available(&self, m: &Manifest) {

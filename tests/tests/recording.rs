@@ -415,3 +415,38 @@ async fn a_full_spool_stops_the_recording_and_keeps_what_it_holds() {
     assert!(duration >= 4.0, "only {duration:.2} s kept");
     decodes_cleanly(&file);
 }
+
+/// A server shutting down (SIGTERM) stores the recording in progress before
+/// it exits, and says so to the room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_down_stores_the_recording_in_progress() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    let vp8 = Arc::new(vp8_test_frames(2).unwrap());
+    let a = join(&server, "ann", 1, 440.0, &vp8).await;
+    let b = join(&server, "ben", 2, 660.0, &vp8).await;
+    until("media", Duration::from_secs(20), || {
+        b.received(&a.participant_id, Kind::Audio).packets.len() > 30
+    })
+    .await;
+    let recordings = &server.state.recordings;
+    let id = recordings
+        .start("recorded", "Until shutdown", &a.participant_id)
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    assert_eq!(
+        recordings.finish_all("the server is shutting down").await,
+        1
+    );
+    let list = recordings.list("recorded").await.unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0].id, id);
+    assert!(list[0].duration_ms >= 3500, "{:?}", list[0]);
+    until("the room told", Duration::from_secs(5), || {
+        b.saw(|e| e["type"] == "recording" && e["state"] == "available")
+    })
+    .await;
+    assert!(b.saw(|e| e["state"] == "stopped" && e["reason"] == "the server is shutting down"));
+    assert!(!recordings.is_recording("recorded"));
+}
