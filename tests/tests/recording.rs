@@ -27,6 +27,18 @@ async fn join(
         .unwrap()
 }
 
+/// Ann (440 Hz) and Ben (660 Hz) in room `recorded`, once Ben hears Ann.
+async fn ann_and_ben_talking(server: &TestServer) -> (Client, Client) {
+    let vp8 = Arc::new(vp8_test_frames(2).unwrap());
+    let a = join(server, "ann", 1, 440.0, &vp8).await;
+    let b = join(server, "ben", 2, 660.0, &vp8).await;
+    until("media", Duration::from_secs(20), || {
+        b.received(&a.participant_id, Kind::Audio).packets.len() > 30
+    })
+    .await;
+    (a, b)
+}
+
 async fn until(what: &str, within: Duration, ok: impl Fn() -> bool) {
     let deadline = Instant::now() + within;
     while !ok() {
@@ -198,13 +210,7 @@ async fn three_voices_and_the_speakers_video_in_one_file() {
 async fn a_recorder_that_dies_leaves_a_playable_file_after_recovery() {
     init_logging();
     let server = TestServer::start().await.unwrap();
-    let vp8 = Arc::new(vp8_test_frames(2).unwrap());
-    let a = join(&server, "ann", 1, 440.0, &vp8).await;
-    let b = join(&server, "ben", 2, 660.0, &vp8).await;
-    until("media", Duration::from_secs(20), || {
-        b.received(&a.participant_id, Kind::Audio).packets.len() > 30
-    })
-    .await;
+    let (a, b) = ann_and_ben_talking(&server).await;
 
     let store_dir = tmp("store");
     let store: Arc<dyn Store> = Arc::new(LocalStore::new(store_dir.clone()));
@@ -361,13 +367,7 @@ async fn a_full_spool_stops_the_recording_and_keeps_what_it_holds() {
     })
     .await
     .unwrap();
-    let vp8 = Arc::new(vp8_test_frames(2).unwrap());
-    let a = join(&server, "ann", 1, 440.0, &vp8).await;
-    let b = join(&server, "ben", 2, 660.0, &vp8).await;
-    until("media", Duration::from_secs(20), || {
-        b.received(&a.participant_id, Kind::Audio).packets.len() > 30
-    })
-    .await;
+    let (a, b) = ann_and_ben_talking(&server).await;
 
     // Recordings waiting for an unreachable store have filled the spool.
     std::fs::create_dir_all(&spool).unwrap();
@@ -422,13 +422,7 @@ async fn a_full_spool_stops_the_recording_and_keeps_what_it_holds() {
 async fn shutting_down_stores_the_recording_in_progress() {
     init_logging();
     let server = TestServer::start().await.unwrap();
-    let vp8 = Arc::new(vp8_test_frames(2).unwrap());
-    let a = join(&server, "ann", 1, 440.0, &vp8).await;
-    let b = join(&server, "ben", 2, 660.0, &vp8).await;
-    until("media", Duration::from_secs(20), || {
-        b.received(&a.participant_id, Kind::Audio).packets.len() > 30
-    })
-    .await;
+    let (a, b) = ann_and_ben_talking(&server).await;
     let recordings = &server.state.recordings;
     let id = recordings
         .start("recorded", "Until shutdown", &a.participant_id)

@@ -10,16 +10,42 @@ use confer_tests::{
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Bo joins `room` publishing a tone and real VP8 in two layers.
+async fn bo_in_two_layers(server: &TestServer, room: &str) -> Client {
+    let small = Arc::new(vp8_small_test_frames(2).unwrap());
+    let big = Arc::new(vp8_test_frames(2).unwrap());
+    let media = RealMedia::simulcast(440.0, small, big);
+    Client::join_real(server, "bo", &server.token("bo", room), 1, media)
+        .await
+        .unwrap()
+}
+
+/// Waits until `clean`'s last keyframes from `bo` are 320 px wide and
+/// `other`'s 160 px.
+async fn settle(bo: &Client, clean: &Client, other: &Client, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (c, o) = (
+            keyframe_widths(clean, &bo.participant_id),
+            keyframe_widths(other, &bo.participant_id),
+        );
+        if settled(&c, 320) && settled(&o, 160) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keyframe widths: clean {c:?}, {what} {o:?} (dropped {})",
+            other.dropped_video()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_losing_packets_gets_the_smaller_layer() {
     init_logging();
     let server = TestServer::start().await.unwrap();
-    let small = Arc::new(vp8_small_test_frames(2).unwrap());
-    let big = Arc::new(vp8_test_frames(2).unwrap());
-    let media = RealMedia::simulcast(440.0, small, big);
-    let bo = Client::join_real(&server, "bo", &server.token("bo", "layers"), 1, media)
-        .await
-        .unwrap();
+    let bo = bo_in_two_layers(&server, "layers").await;
     let cy = Client::join(&server, "cy", "layers", 2, true)
         .await
         .unwrap();
@@ -28,22 +54,7 @@ async fn a_receiver_losing_packets_gets_the_smaller_layer() {
         .await
         .unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (c, a) = (
-            keyframe_widths(&cy, &bo.participant_id),
-            keyframe_widths(&ann, &bo.participant_id),
-        );
-        if settled(&c, 320) && settled(&a, 160) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "keyframe widths: clean {c:?}, lossy {a:?} (dropped {})",
-            ann.dropped_video()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    settle(&bo, &cy, &ann, "lossy").await;
     assert!(
         ann.dropped_video() > 20,
         "the lossy hop dropped only {}",
@@ -73,12 +84,7 @@ fn settled(widths: &[u16], want: u16) -> bool {
 async fn a_receiver_behind_a_slow_link_gets_the_layer_that_fits() {
     init_logging();
     let server = TestServer::start().await.unwrap();
-    let small = Arc::new(vp8_small_test_frames(2).unwrap());
-    let big = Arc::new(vp8_test_frames(2).unwrap());
-    let media = RealMedia::simulcast(440.0, small, big);
-    let bo = Client::join_real(&server, "bo", &server.token("bo", "slow"), 1, media)
-        .await
-        .unwrap();
+    let bo = bo_in_two_layers(&server, "slow").await;
     let cy = Client::join(&server, "cy", "slow", 2, false).await.unwrap();
     let hop = LastHop::Bottleneck {
         bits_per_second: 250_000,
@@ -88,21 +94,7 @@ async fn a_receiver_behind_a_slow_link_gets_the_layer_that_fits() {
         .await
         .unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (c, a) = (
-            keyframe_widths(&cy, &bo.participant_id),
-            keyframe_widths(&ann, &bo.participant_id),
-        );
-        if settled(&c, 320) && settled(&a, 160) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "keyframe widths: clean {c:?}, slow {a:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    settle(&bo, &cy, &ann, "slow").await;
     assert_eq!(ann.dropped_video(), 0, "the slow link should only delay");
     // Still flowing, and still heard.
     let before = ann.received(&bo.participant_id, Kind::Video).packets.len();
@@ -119,12 +111,7 @@ async fn a_receiver_behind_a_slow_link_gets_the_layer_that_fits() {
 async fn video_that_fits_no_layer_is_paused_and_the_sound_goes_on() {
     init_logging();
     let server = TestServer::start().await.unwrap();
-    let small = Arc::new(vp8_small_test_frames(2).unwrap());
-    let big = Arc::new(vp8_test_frames(2).unwrap());
-    let media = RealMedia::simulcast(440.0, small, big);
-    let bo = Client::join_real(&server, "bo", &server.token("bo", "thin"), 1, media)
-        .await
-        .unwrap();
+    let bo = bo_in_two_layers(&server, "thin").await;
     let hop = LastHop::Bottleneck {
         bits_per_second: 110_000,
         buffer: Duration::from_secs(30),
