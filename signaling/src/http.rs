@@ -16,8 +16,9 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-/// Hard cap on one WebSocket frame. Messages between this and the protocol's
-/// 64 KiB limit get a `message_too_large` error; beyond it the socket closes.
+/// Hard cap on one WebSocket frame. Messages between the protocol's limits
+/// (64 KiB; offers and answers 1000 KiB) and this get a `message_too_large`
+/// error; beyond it the socket closes.
 const WS_FRAME_LIMIT: usize = 1024 * 1024;
 
 /// Lifetime of a demo token.

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 /// Largest message a client may send; larger ones get `message_too_large`.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Offers and answers may be larger: a browser's SDP takes about 2.3 KB per
+/// m-line, two per other participant, so a 30-person meeting needs ~140 KB.
+pub const MAX_SDP_MESSAGE_BYTES: usize = 1000 * 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]

@@ -5,7 +5,8 @@
 use crate::AppState;
 use crate::meeting::ENDED_BY_MODERATOR;
 use crate::protocol::{
-    CLIENT_TYPES, ClientMessage, ErrorCode, MAX_MESSAGE_BYTES, MeetingInfo, ServerMessage,
+    CLIENT_TYPES, ClientMessage, ErrorCode, MAX_MESSAGE_BYTES, MAX_SDP_MESSAGE_BYTES, MeetingInfo,
+    ServerMessage,
 };
 use crate::schedule::Identity;
 use crate::token::JoinKind;
@@ -137,14 +138,15 @@ impl Session {
     }
 
     async fn handle_text(&mut self, text: &str) -> Flow {
-        if text.len() > MAX_MESSAGE_BYTES {
-            return self.error(
+        let too_large = |limit: usize| {
+            ServerMessage::error(
                 ErrorCode::MessageTooLarge,
-                format!(
-                    "message is {} bytes; the limit is {MAX_MESSAGE_BYTES}",
-                    text.len()
-                ),
-            );
+                format!("message is {} bytes; the limit is {limit}", text.len()),
+            )
+        };
+        if text.len() > MAX_SDP_MESSAGE_BYTES {
+            self.send(too_large(MAX_SDP_MESSAGE_BYTES));
+            return Flow::Continue;
         }
         let value: serde_json::Value = match serde_json::from_str(text) {
             Ok(v) => v,
@@ -156,6 +158,10 @@ impl Session {
                 "a message must be a JSON object with a string \"type\"",
             );
         };
+        if text.len() > MAX_MESSAGE_BYTES && kind != "offer" && kind != "answer" {
+            self.send(too_large(MAX_MESSAGE_BYTES));
+            return Flow::Continue;
+        }
         if !CLIENT_TYPES.contains(&kind) {
             return self.error(
                 ErrorCode::UnknownType,

@@ -308,6 +308,40 @@ pub fn check_payload(p: &[u8]) -> Option<(u8, Kind, u32)> {
     (payload(p[1], kind, counter) == p).then_some((p[1], kind, counter))
 }
 
+/// An offer receiving `m_lines` videos, from a throwaway peer connection:
+/// real SDP of a realistic size (a meeting with many participants).
+pub async fn recvonly_video_offer(m_lines: usize) -> anyhow::Result<String> {
+    let mut me = MediaEngine::default();
+    me.register_default_codecs()?;
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(me)
+        .with_handler(Arc::new(Quiet))
+        .with_udp_addrs(vec!["127.0.0.1:0"])
+        .build()
+        .await?;
+    for _ in 0..m_lines {
+        pc.add_transceiver_from_kind(
+            RtpCodecKind::Video,
+            Some(webrtc::rtp_transceiver::RTCRtpTransceiverInit {
+                direction: webrtc::rtp_transceiver::RTCRtpTransceiverDirection::Recvonly,
+                streams: vec![],
+                send_encodings: vec![],
+            }),
+        )
+        .await?;
+    }
+    let offer = pc.create_offer(None).await?;
+    pc.close().await?;
+    Ok(offer.sdp)
+}
+
+/// Ignores every peer-connection event.
+struct Quiet;
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Quiet {}
+
 /// What happens to the packets a test client receives before it sees them.
 #[derive(Clone, Copy, Debug, Default)]
 pub enum LastHop {

@@ -96,3 +96,20 @@ async fn bad_input_is_refused_and_the_meeting_keeps_flowing() {
         "meeting stalled: {before:?} → {after:?}"
     );
 }
+
+/// A large meeting's SDP is larger than other messages may be: an offer of
+/// 40 videos (over 64 KiB) is answered, not refused as too large.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_offer_is_answered() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    let sdp = confer_tests::recvonly_video_offer(40).await.unwrap();
+    assert!(sdp.len() > 64 * 1024, "only {} bytes", sdp.len());
+    let mut s = Signal::connect(&server.ws_url()).await.unwrap();
+    s.send(json!({"type": "join", "token": server.token("big", "large")}));
+    s.expect("joined", Duration::from_secs(10)).await.unwrap();
+    s.send(json!({"type": "offer", "sdp": sdp}));
+    let answer = s.expect("answer", Duration::from_secs(10)).await.unwrap();
+    let m_lines = answer["sdp"].as_str().unwrap().matches("m=video").count();
+    assert_eq!(m_lines, 40);
+}

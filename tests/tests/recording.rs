@@ -210,7 +210,7 @@ async fn three_voices_and_the_speakers_video_in_one_file() {
 async fn a_recorder_that_dies_leaves_a_playable_file_after_recovery() {
     init_logging();
     let server = TestServer::start().await.unwrap();
-    let (a, b) = ann_and_ben_talking(&server).await;
+    let (_ann, _ben) = ann_and_ben_talking(&server).await;
 
     let store_dir = tmp("store");
     let store: Arc<dyn Store> = Arc::new(LocalStore::new(store_dir.clone()));
