@@ -35,6 +35,12 @@ const MAX_BPS: f64 = 50_000_000.0;
 /// its estimate, so that the estimate's wobble does not flip a layer (and
 /// cost a keyframe) every half second.
 const UPGRADE_HEADROOM: u64 = 85;
+/// A video keeps its smallest layer while that fits in what the link was
+/// seen to carry: the estimate after a growing queue is 85 % of that. So one
+/// false alarm (a busy server's own queueing looks the same) does not pause
+/// a single-layer video that the link carries; a link that is really too
+/// slow for it still pauses it.
+const KEEP_SMALLEST: u64 = 100 * 100 / 85;
 
 /// Assumed rates of a layer that flows but has not been measured yet.
 const GUESS_BPS: [u32; MAX_LAYERS] = [150_000, 500_000, 1_500_000];
@@ -242,9 +248,11 @@ pub fn allocate(budget: u64, demands: &[Demand], upgrades: bool) -> Vec<u8> {
     let steps: Vec<Vec<(u8, u64)>> = demands.iter().map(Demand::steps).collect();
     let mut given: Vec<Option<usize>> = vec![None; demands.len()];
     let mut used = 0u64;
-    let fits = |used: u64, extra: u64, d: &Demand, layer: u8| {
+    let fits = |used: u64, extra: u64, d: &Demand, step: usize, layer: u8| {
         if d.allowed == OFF || layer > d.allowed {
             upgrades && used + extra <= budget * UPGRADE_HEADROOM / 100
+        } else if step == 0 {
+            used + extra <= budget * KEEP_SMALLEST / 100
         } else {
             used + extra <= budget
         }
@@ -259,7 +267,7 @@ pub fn allocate(budget: u64, demands: &[Demand], upgrades: bool) -> Vec<u8> {
                 continue;
             };
             let extra = rate - step.checked_sub(1).map_or(0, |s| steps[i][s].1.min(rate));
-            if fits(used, extra, d, layer) {
+            if fits(used, extra, d, step, layer) {
                 used += extra;
                 given[i] = Some(step);
             }
@@ -399,6 +407,19 @@ mod tests {
         d[0].allowed = 0;
         assert_eq!(allocate(300_000, &d, true), [0], "300 k > 85 % of 300 k");
         assert_eq!(allocate(360_000, &d, true), [2]);
+    }
+
+    #[test]
+    fn a_video_keeps_its_smallest_layer_while_the_link_carries_it() {
+        let mut d = [video(2, [1200 * K, 0, 0])];
+        // One overuse: the estimate is 85 % of the 1.3 Mbit/s that arrived.
+        assert_eq!(allocate(1_100_000 - 40_000, &d, true), [2]);
+        // A link that carries less pauses it; it resumes when it fits the
+        // estimate itself, with headroom.
+        assert_eq!(allocate(800_000, &d, true), [OFF]);
+        d[0].allowed = OFF;
+        assert_eq!(allocate(1_100_000, &d, true), [OFF]);
+        assert_eq!(allocate(1_450_000, &d, true), [2]);
     }
 
     #[test]
