@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
-use tracing::{debug, info, trace};
+use tracing::{debug, info, trace, warn};
 use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::RTCIceCandidateInit;
 
@@ -629,7 +629,9 @@ impl Room {
                 track_id: t.info.id.clone(),
             });
             for m in &members {
+                let started = std::time::Instant::now();
                 m.unsubscribe(t).await;
+                warn_if_slow(started, &m.id, "unsubscribing a track of one who left");
             }
         }
         if reason != "left" {
@@ -637,7 +639,9 @@ impl Room {
                 reason: reason.to_owned(),
             });
         }
+        let started = std::time::Instant::now();
         p.close().await;
+        warn_if_slow(started, participant_id, "closing the peer connection");
         self.broadcast(RoomEvent::ParticipantLeft {
             participant_id: participant_id.to_owned(),
             reason: reason.to_owned(),
@@ -767,6 +771,16 @@ impl Room {
             });
             self.broadcast(RoomEvent::ActiveSpeaker { participant_id });
         }
+    }
+}
+
+/// A step of someone leaving that should take milliseconds: when one took
+/// seconds, everyone else's removal waited for it (a meeting ending closes
+/// its participants one after the other).
+fn warn_if_slow(started: std::time::Instant, participant: &str, what: &str) {
+    let took = started.elapsed();
+    if took > Duration::from_secs(1) {
+        warn!(participant, ?took, "slow: {what}");
     }
 }
 
