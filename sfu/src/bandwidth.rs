@@ -137,6 +137,7 @@ pub struct Aimd {
     /// What arrived when the queue last grew, and when.
     capacity: Option<(f64, Instant)>,
     last_change: Option<Instant>,
+    last_over: Option<Instant>,
 }
 
 impl Aimd {
@@ -145,12 +146,19 @@ impl Aimd {
     const INCREASE_PER_S: f64 = 1.08;
     const ADDITIVE_PER_S: f64 = 60_000.0;
     const FORGET_AFTER: Duration = Duration::from_secs(20);
+    /// After this long without the queue growing, what arrived is what the
+    /// link carries: the estimate goes straight back up to it. A burst of
+    /// delay that was not the link (a join storm keeping the server or the
+    /// receiver busy) then costs a second, not the minutes of creeping back
+    /// from 85 %; a link that is really full grows its queue again first.
+    const CALM: Duration = Duration::from_secs(1);
 
     pub fn new(start: f64) -> Aimd {
         Aimd {
             target: start,
             capacity: None,
             last_change: None,
+            last_over: None,
         }
     }
 
@@ -165,6 +173,7 @@ impl Aimd {
                     self.capacity = Some((received, now));
                     self.last_change = Some(now);
                 }
+                self.last_over = Some(now);
             }
             Usage::Under => self.last_change = Some(now),
             Usage::Normal if self.due(now) => {
@@ -181,8 +190,14 @@ impl Aimd {
                     self.target + Self::ADDITIVE_PER_S * elapsed
                 } else {
                     self.target * Self::INCREASE_PER_S.powf(elapsed)
+                };
+                let calm = self
+                    .last_over
+                    .is_none_or(|t| now.saturating_duration_since(t) >= Self::CALM);
+                if let Some(received) = received.filter(|_| calm) {
+                    self.target = self.target.max(received);
                 }
-                .clamp(MIN_BPS, MAX_BPS);
+                self.target = self.target.clamp(MIN_BPS, MAX_BPS);
                 self.last_change = Some(now);
             }
             Usage::Normal => {}
@@ -281,12 +296,43 @@ pub fn allocate(budget: u64, demands: &[Demand], upgrades: bool) -> Vec<u8> {
             // Not asked for: left as it was, so that it comes back at once.
             (OFF, _, _) => d.allowed,
             (_, true, _) => MAX_LAYERS as u8 - 1,
-            // All it can use: no bandwidth limit.
-            (_, false, Some(step)) if *step == s.len() - 1 => MAX_LAYERS as u8 - 1,
-            (_, false, Some(step)) => s[*step].0,
+            (_, false, Some(step)) => layer_of(s, *step),
             (_, false, None) => OFF,
         })
         .collect()
+}
+
+/// How long a video the allocation would pause keeps its smallest layer
+/// first. A pause blanks a tile and its return costs a keyframe, so it waits
+/// for the estimate to stay low; meanwhile a link that is really too slow
+/// queues up to this much more.
+pub const PAUSE_AFTER: Duration = Duration::from_secs(2);
+
+/// What to give a track that `allocate` gave `layer`: a video that flows and
+/// now fits nothing keeps its smallest layer until it has fitted nothing for
+/// [`PAUSE_AFTER`]. `since` is when that began, kept per receiver.
+pub fn hold_pause(demand: &Demand, layer: u8, since: &mut Option<Instant>, now: Instant) -> u8 {
+    if layer != OFF || demand.allowed == OFF {
+        *since = None;
+        return layer;
+    }
+    let started = *since.get_or_insert(now);
+    let steps = demand.steps();
+    if steps.is_empty() || now.saturating_duration_since(started) >= PAUSE_AFTER {
+        OFF
+    } else {
+        layer_of(&steps, 0)
+    }
+}
+
+/// The layer to allow a track given `step` of its `steps`: the top layer
+/// (no limit) for the last step, since it can use no more.
+fn layer_of(steps: &[(u8, u64)], step: usize) -> u8 {
+    if step + 1 == steps.len() {
+        MAX_LAYERS as u8 - 1
+    } else {
+        steps[step].0
+    }
 }
 
 /// When a receiver may be given more than it has. Its estimate climbs
@@ -518,6 +564,56 @@ mod tests {
         }
         // Doubling at 8 %/s takes 9 s; creeping would take 25 s.
         assert!(ms - creeping_ends < 10_000, "{} ms", ms - creeping_ends);
+    }
+
+    #[test]
+    fn after_a_calm_second_the_estimate_is_what_arrived() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut aimd = Aimd::new(10_000_000.0);
+        // A burst of delay while little had arrived yet.
+        aimd.update(at(0), Usage::Over, Some(6_000_000.0));
+        let mut ms = 0;
+        let mut rate = 0.0;
+        while ms < 800 {
+            ms += 200;
+            rate = aimd.update(at(ms), Usage::Normal, Some(9_000_000.0));
+        }
+        assert!(rate < 6_000_000.0, "{rate}");
+        ms += 200;
+        rate = aimd.update(at(ms), Usage::Normal, Some(9_000_000.0));
+        assert_eq!(rate, 9_000_000.0);
+    }
+
+    #[test]
+    fn a_video_is_paused_only_after_it_fitted_nothing_for_a_while() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let flowing = Demand {
+            allowed: 1,
+            ..video(1, [150 * K, 500 * K, 0])
+        };
+        let mut since = None;
+        assert_eq!(hold_pause(&flowing, OFF, &mut since, at(0)), 0);
+        assert_eq!(hold_pause(&flowing, OFF, &mut since, at(1_500)), 0);
+        // It fits again: the clock starts over.
+        assert_eq!(hold_pause(&flowing, 1, &mut since, at(1_900)), 1);
+        assert_eq!(hold_pause(&flowing, OFF, &mut since, at(2_000)), 0);
+        assert_eq!(hold_pause(&flowing, OFF, &mut since, at(3_900)), 0);
+        assert_eq!(hold_pause(&flowing, OFF, &mut since, at(4_000)), OFF);
+        // A single layer is kept as all it can use.
+        let single = Demand {
+            allowed: 2,
+            ..video(2, [0, 0, 900 * K])
+        };
+        assert_eq!(hold_pause(&single, OFF, &mut None, at(0)), 2);
+        // Once paused it stays paused until it fits.
+        let paused = Demand {
+            allowed: OFF,
+            ..flowing
+        };
+        assert_eq!(hold_pause(&paused, OFF, &mut since, at(4_500)), OFF);
+        assert_eq!(since, None);
     }
 
     #[test]

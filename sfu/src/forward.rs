@@ -80,6 +80,8 @@ pub struct Rewriter {
     last_out_seq: u16,
     last_out_ts: u32,
     started: bool,
+    /// Ticks from the last timestamp sent to the next source's first.
+    next_ts_gap: u32,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -105,7 +107,18 @@ impl Rewriter {
             last_out_seq: 0,
             last_out_ts: 0,
             started: false,
+            next_ts_gap: SWITCH_TS_GAP,
         }
+    }
+
+    /// After a pause (what the receiver was not sent on purpose), the next
+    /// packet continues right after the last one sent, so the receiver sees
+    /// no loss to ask for, and its timestamp is `ts_gap` ticks (the time
+    /// paused) later, so the receiver's jitter estimate does not see a
+    /// packet seconds late.
+    pub fn resume(&mut self, ts_gap: u32) {
+        self.source = None;
+        self.next_ts_gap = ts_gap.max(SWITCH_TS_GAP);
     }
 
     pub fn out_ssrc(&self) -> u32 {
@@ -131,7 +144,7 @@ impl Rewriter {
                     (
                         self.last_out_seq.wrapping_add(1).wrapping_sub(in_seq),
                         self.last_out_ts
-                            .wrapping_add(SWITCH_TS_GAP)
+                            .wrapping_add(std::mem::replace(&mut self.next_ts_gap, SWITCH_TS_GAP))
                             .wrapping_sub(in_ts),
                     )
                 } else {
@@ -294,6 +307,23 @@ mod tests {
         assert!(r.rewrite(&mut p));
         assert_eq!(p.header.sequence_number, 65530u16.wrapping_add(11));
         assert_eq!(p.header.timestamp, 1000 + 9 * 3000 + SWITCH_TS_GAP + 3000);
+    }
+
+    #[test]
+    fn after_a_pause_the_same_source_continues_without_a_gap() {
+        let mut r = Rewriter::new(42, 96, ExtensionMap::none());
+        let mut p = pkt(7, 100, 9000);
+        assert!(r.rewrite(&mut p));
+        // Five seconds of packets were not sent.
+        r.resume(5 * 90_000);
+        let mut p = pkt(7, 400, 9000 + 5 * 90_000 + 3000);
+        assert!(r.rewrite(&mut p));
+        assert_eq!(p.header.sequence_number, 101);
+        assert_eq!(p.header.timestamp, 9000 + 5 * 90_000);
+        let mut p = pkt(7, 401, 9000 + 5 * 90_000 + 6000);
+        assert!(r.rewrite(&mut p));
+        assert_eq!(p.header.sequence_number, 102);
+        assert_eq!(p.header.timestamp, 9000 + 5 * 90_000 + 3000);
     }
 
     #[test]

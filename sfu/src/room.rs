@@ -716,9 +716,9 @@ impl Room {
             let layers = bandwidth::allocate(bps.saturating_sub(*audio), &demands, upgrades);
             let (mut down, mut up) = (false, false);
             for ((t, r, d), layer) in video.iter().zip(layers) {
+                let layer = r.allow(d, layer, &t.info.id, now);
                 let (lowered, raised) = bandwidth::change(d, layer);
                 (down, up) = (down || lowered, up || raised);
-                r.allow(layer, &t.info.id);
                 if (d.allowed == simulcast::OFF) != (layer == simulcast::OFF) {
                     p.send(PeerEvent::VideoPaused {
                         track_id: t.info.id.clone(),

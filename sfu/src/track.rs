@@ -8,7 +8,7 @@
 //! With simulcast, a receiver is handed only the layer it is on and the one
 //! it is switching to (see [`crate::simulcast`]).
 
-use crate::bandwidth::Demand;
+use crate::bandwidth::{self, Demand};
 use crate::forward::{AUDIO_LEVEL_URI, ExtensionMap, Rewriter, SilenceFilter, audio_level};
 use crate::keyframe::{Decision, Limiter, is_keyframe_request};
 use crate::peer::Participant;
@@ -104,6 +104,8 @@ pub struct Receiver {
     ceiling: AtomicU8,
     /// The largest layer its bandwidth allows ([`crate::bandwidth`]); `OFF`: none.
     allowed: AtomicU8,
+    /// Since when its bandwidth has fitted no layer ([`bandwidth::hold_pause`]).
+    pausing_since: Mutex<Option<Instant>>,
     /// The SSRC it receives this track on.
     out_ssrc: u32,
     /// The layer it is on; `NO_LAYER` before the first.
@@ -290,6 +292,7 @@ impl Published {
             requested: AtomicU8::new(simulcast::Quality::High.layer()),
             ceiling: AtomicU8::new(simulcast::Quality::High.layer()),
             allowed: AtomicU8::new(simulcast::Quality::High.layer()),
+            pausing_since: Mutex::new(None),
             current: AtomicU8::new(NO_LAYER),
             out_ssrc,
         });
@@ -429,14 +432,19 @@ impl Receiver {
         }
     }
 
-    /// Sets the largest layer its bandwidth allows (`OFF`: none).
-    pub(crate) fn allow(&self, layer: u8, track: &str) {
+    /// Sets the largest layer its bandwidth allows (`OFF`: none), given
+    /// what it asked of the allocation, which gave it `layer`; a pause waits
+    /// ([`bandwidth::hold_pause`]). Returns the layer allowed.
+    pub(crate) fn allow(&self, demand: &Demand, layer: u8, track: &str, now: Instant) -> u8 {
+        let layer =
+            bandwidth::hold_pause(demand, layer, &mut self.pausing_since.lock().unwrap(), now);
         let was_off = self.is_off();
         let was = self.allowed.swap(layer, Ordering::Relaxed);
         if was != layer {
             debug!(subscriber = %self.subscriber, track, layer, was, "layer allowed by bandwidth changed");
         }
         self.resume_if_on(was_off);
+        layer
     }
 
     /// Called once the receiver's leg has been negotiated.
@@ -455,6 +463,9 @@ async fn send_loop(
 ) {
     let mut rewriter: Option<Rewriter> = None;
     let mut selector = Selector::default();
+    // When it last sent a packet, and whether it was paused since.
+    let mut last_sent: Option<Instant> = None;
+    let mut resumed = false;
     while let Some(feed) = rx.recv().await {
         match feed {
             Feed::Negotiated => {
@@ -471,6 +482,7 @@ async fn send_loop(
                 }
             }
             Feed::Resumed => {
+                resumed = true;
                 selector = Selector::default();
                 r.current.store(NO_LAYER, Ordering::Relaxed);
                 let flowing = track.layers.flowing(Instant::now());
@@ -506,9 +518,17 @@ async fn send_loop(
                 } else {
                     r.current.store(layer, Ordering::Relaxed);
                 }
-                if rw.rewrite(&mut pkt) && r.local.write_rtp(pkt).await.is_err() {
-                    // Unbound: the receiver's connection is going away.
-                    break;
+                if let Some(at) = last_sent.filter(|_| std::mem::take(&mut resumed)) {
+                    let paused = arrived.saturating_duration_since(at);
+                    let ticks = paused.as_micros() * u128::from(track.codec.clock_rate) / 1_000_000;
+                    rw.resume(ticks.min(u128::from(u32::MAX / 2)) as u32);
+                }
+                if rw.rewrite(&mut pkt) {
+                    if r.local.write_rtp(pkt).await.is_err() {
+                        // Unbound: the receiver's connection is going away.
+                        break;
+                    }
+                    last_sent = Some(arrived);
                 }
             }
         }

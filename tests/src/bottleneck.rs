@@ -1,5 +1,5 @@
 //! A slow last hop, for tests of the SFU's bandwidth estimation: an
-//! interceptor that lets what a client receives through at a fixed bit rate,
+//! interceptor that lets what a client receives through at a bit rate,
 //! queueing the rest as a router's buffer would (packets arrive later and
 //! later) and dropping what would wait longer than the buffer holds.
 //!
@@ -11,11 +11,12 @@ use rtc::sansio::Protocol;
 use rtc::shared::marshal::MarshalSize;
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub struct Bottleneck {
-    bits_per_second: u64,
+    /// The link's rate, which the test may change while it runs.
+    bits_per_second: Arc<AtomicU64>,
     /// Longest a packet may queue; later ones are dropped.
     buffer: Duration,
     /// When the link has sent everything queued so far.
@@ -30,7 +31,11 @@ pub struct Bottleneck {
 impl Bottleneck {
     /// A link of `bits_per_second` with a buffer of `buffer`; `dropped`
     /// counts what did not fit.
-    pub fn new(bits_per_second: u64, buffer: Duration, dropped: Arc<AtomicUsize>) -> Bottleneck {
+    pub fn new(
+        bits_per_second: Arc<AtomicU64>,
+        buffer: Duration,
+        dropped: Arc<AtomicUsize>,
+    ) -> Bottleneck {
         Bottleneck {
             bits_per_second,
             buffer,
@@ -70,7 +75,8 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Bottleneck {
         self.release(now);
         let start = self.free_at.map_or(now, |f| f.max(now));
         let bits = size(&msg.message.packet) as u64 * 8;
-        let done = start + Duration::from_micros(bits * 1_000_000 / self.bits_per_second);
+        let rate = self.bits_per_second.load(Ordering::Relaxed).max(1);
+        let done = start + Duration::from_micros(bits * 1_000_000 / rate);
         if done.saturating_duration_since(now) > self.buffer {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return Ok(());

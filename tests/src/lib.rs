@@ -20,7 +20,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -221,6 +221,8 @@ pub struct Client {
     connected: Arc<Mutex<bool>>,
     negotiation: Arc<Negotiation>,
     dropped_video: Arc<AtomicUsize>,
+    /// The rate of a [`LastHop::Bottleneck`].
+    link_rate: Arc<AtomicU64>,
 }
 
 /// The client's side of offer/answer: it is the polite peer.
@@ -360,6 +362,7 @@ pub enum LastHop {
 fn client_media_engine(
     hop: LastHop,
     dropped: &Arc<AtomicUsize>,
+    link_rate: &Arc<AtomicU64>,
 ) -> anyhow::Result<(MediaEngine, Registry)> {
     let mut me = MediaEngine::default();
     me.register_default_codecs()?;
@@ -375,10 +378,13 @@ fn client_media_engine(
         LastHop::Bottleneck {
             bits_per_second,
             buffer,
-        } => registry.with(
-            wire,
-            bottleneck::Bottleneck::new(bits_per_second, buffer, dropped.clone()),
-        ),
+        } => {
+            link_rate.store(bits_per_second, Ordering::Relaxed);
+            registry.with(
+                wire,
+                bottleneck::Bottleneck::new(link_rate.clone(), buffer, dropped.clone()),
+            )
+        }
     };
     Ok((me, registry))
 }
@@ -582,7 +588,8 @@ impl Client {
             connected: connected.clone(),
         });
         let dropped_video = Arc::new(AtomicUsize::new(0));
-        let (me, registry) = client_media_engine(hop, &dropped_video)?;
+        let link_rate = Arc::new(AtomicU64::new(0));
+        let (me, registry) = client_media_engine(hop, &dropped_video, &link_rate)?;
         let pc = PeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_media_engine(me)
@@ -702,6 +709,7 @@ impl Client {
             connected,
             negotiation,
             dropped_video,
+            link_rate,
         })
     }
 
@@ -742,6 +750,12 @@ impl Client {
     /// server's crossed it.
     pub fn rollbacks(&self) -> usize {
         self.negotiation.rollbacks.load(Ordering::Relaxed)
+    }
+
+    /// Changes the rate of its [`LastHop::Bottleneck`] (no effect on other
+    /// last hops).
+    pub fn set_link_rate(&self, bits_per_second: u64) {
+        self.link_rate.store(bits_per_second, Ordering::Relaxed);
     }
 
     /// How many received packets the last hop dropped (with a bottleneck:
