@@ -116,7 +116,7 @@ impl Participant {
             }
         }
         let (cand_tx, mut cand_rx) = mpsc::unbounded_channel::<RTCIceCandidateInit>();
-        let peer = Peer::new(publish, name, started_us, shared, cand_tx).await?;
+        let peer = Peer::new(publish, name, started_us, shared.clone(), cand_tx).await?;
         if publish == Publish::Nothing {
             // docs/signaling.md: a client with nothing to send offers one recvonly m-line.
             peer.add_recvonly_audio().await?;
@@ -142,6 +142,12 @@ impl Participant {
                 let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else {
                     continue;
                 };
+                if v["type"] == "video_paused" && v["paused"] == true {
+                    shared
+                        .counters
+                        .paused_videos
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 if let Err(e) = on_signal(&task_peer, &answers, &v).await
                     && !quiet.load(Ordering::Relaxed)
                 {

@@ -110,6 +110,9 @@ pub struct Streams {
     pub missing: usize,
     /// Muted publishers' audio that arrived anyway (silence a server forwarded).
     pub unexpected: usize,
+    /// Times the server paused a video for a subscriber because its link
+    /// fit no layer: on loopback, a false alarm.
+    pub paused: u64,
 }
 
 /// One second of the run, from the first join.
@@ -132,6 +135,7 @@ impl Report {
         self.participants.failed == 0
             && self.streams.missing == 0
             && self.streams.unexpected == 0
+            && self.streams.paused == 0
             && self.loss.expected > 0
             && self.loss.received == self.loss.expected
     }
@@ -178,10 +182,11 @@ impl Report {
             self.join_ms.p50, self.join_ms.p95, self.join_ms.max
         );
         s += &format!(
-            "  streams        {} of {} delivered media, {} muted ones forwarded; generator CPU {:.1} %\n",
+            "  streams        {} of {} delivered media, {} muted ones forwarded, {} videos paused; generator CPU {:.1} %\n",
             self.streams.expected - self.streams.missing,
             self.streams.expected,
             self.streams.unexpected,
+            self.streams.paused,
             self.generator.cpu_percent
         );
         for e in &self.participants.errors {

@@ -213,6 +213,7 @@ struct Snapshot {
     sent: u64,
     joined: u64,
     failed: u64,
+    paused: u64,
 }
 
 fn snapshot(pids: &[u32], counters: &Counters) -> Snapshot {
@@ -233,6 +234,7 @@ fn snapshot(pids: &[u32], counters: &Counters) -> Snapshot {
         sent: counters.sent_packets.load(Ordering::Relaxed),
         joined: counters.joined.load(Ordering::Relaxed),
         failed: counters.failed.load(Ordering::Relaxed),
+        paused: counters.paused_videos.load(Ordering::Relaxed),
     }
 }
 
@@ -601,6 +603,7 @@ fn assemble(
             expected: streams,
             missing,
             unexpected,
+            paused: w1.paused,
         },
         timeline,
     }

@@ -13,6 +13,9 @@ pub struct Counters {
     pub received_bytes: AtomicU64,
     pub joined: AtomicU64,
     pub failed: AtomicU64,
+    /// Videos the server paused for a subscriber whose link fit no layer
+    /// (Confer's `video_paused`).
+    pub paused_videos: AtomicU64,
 }
 
 impl Counters {
