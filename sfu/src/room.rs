@@ -6,7 +6,7 @@ use crate::error::SfuError;
 use crate::peer::{self, Participant, PortPool};
 use crate::simulcast;
 use crate::tap::{TAP_CAPACITY, TapSender, TapTrack, Tapped};
-use crate::track::{Published, Receiver, TrackInfo, TrackKind};
+use crate::track::{Published, Receiver, Reception, TrackInfo, TrackKind};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -43,11 +43,30 @@ pub struct ParticipantSummary {
     pub tracks: Vec<TrackInfo>,
 }
 
+/// A room as the admin API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct RoomSummary {
     pub id: String,
     pub created_at: u64,
-    pub participants: Vec<ParticipantSummary>,
+    pub participants: Vec<ParticipantStatus>,
+}
+
+/// A participant as the admin API shows it: who it is, and what reaches it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ParticipantStatus {
+    #[serde(flatten)]
+    pub summary: ParticipantSummary,
+    pub downlink: Downlink,
+}
+
+/// What the SFU sends a participant, so that an operator can tell why
+/// someone's video looks small or has stopped.
+#[derive(Clone, Debug, Serialize)]
+pub struct Downlink {
+    /// Its estimated downlink in bit/s; `None` while no limit is known
+    /// (no congestion feedback, or its queue was never seen to grow).
+    pub estimate_bps: Option<u64>,
+    pub receiving: Vec<Reception>,
 }
 
 /// Something everyone in a room is told.
@@ -364,7 +383,23 @@ impl Room {
             participants: inner
                 .participants
                 .iter()
-                .map(|p| self.summarise(p, &inner))
+                .map(|p| ParticipantStatus {
+                    summary: self.summarise(p, &inner),
+                    downlink: Downlink {
+                        estimate_bps: p.estimate.bits_per_second(),
+                        receiving: inner
+                            .tracks
+                            .iter()
+                            .flat_map(|t| {
+                                t.receivers()
+                                    .iter()
+                                    .filter(|r| r.subscriber == p.id)
+                                    .map(|r| r.reception(&t.info.id))
+                                    .collect::<Vec<_>>()
+                            })
+                            .collect(),
+                    },
+                })
                 .collect(),
         }
     }

@@ -44,6 +44,15 @@ impl Quality {
             q => q as u8,
         }
     }
+
+    pub fn of_layer(layer: u8) -> Quality {
+        match layer {
+            0 => Quality::Low,
+            1 => Quality::Medium,
+            OFF => Quality::Off,
+            _ => Quality::High,
+        }
+    }
 }
 
 fn slot_of_rid(rid: &str) -> Option<usize> {

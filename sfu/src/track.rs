@@ -114,6 +114,19 @@ pub struct Receiver {
 
 const NO_LAYER: u8 = u8::MAX;
 
+/// One track as one receiver gets it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Reception {
+    pub track_id: String,
+    /// The layer it is sent (0: the smallest; audio and single-layer video:
+    /// 0); `None` before the first packet, or while it gets none.
+    pub layer: Option<u8>,
+    /// The quality it asked for (`off`: a tile out of sight).
+    pub requested: simulcast::Quality,
+    /// Paused because its link fits no layer of the video.
+    pub paused: bool,
+}
+
 enum Feed {
     /// A packet, when it arrived from the publisher, and its layer.
     Rtp(rtp::Packet, Instant, u8),
@@ -429,6 +442,17 @@ impl Receiver {
             rates,
             allowed: self.allowed.load(Ordering::Relaxed),
             speaker,
+        }
+    }
+
+    /// How it receives the track `track_id`, for the admin API.
+    pub(crate) fn reception(&self, track_id: &str) -> Reception {
+        let current = self.current.load(Ordering::Relaxed);
+        Reception {
+            track_id: track_id.to_owned(),
+            layer: (current != NO_LAYER && !self.is_off()).then_some(current),
+            requested: simulcast::Quality::of_layer(self.requested.load(Ordering::Relaxed)),
+            paused: self.allowed.load(Ordering::Relaxed) == simulcast::OFF,
         }
     }
 

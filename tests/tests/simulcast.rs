@@ -7,6 +7,7 @@ use confer_tests::{
     Client, Kind, LastHop, RealMedia, TestServer, init_logging, vp8_keyframe_width,
     vp8_small_test_frames, vp8_test_frames,
 };
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -132,6 +133,22 @@ async fn video_that_fits_no_layer_is_paused_until_the_link_clears() {
     assert_eq!(paused["reason"], "bandwidth");
     let track = paused["track_id"].as_str().unwrap();
     assert!(track.starts_with(&bo.participant_id), "{track}");
+    // What an operator sees (the admin API's room view).
+    let seen = downlink(&server, "thin", &ann);
+    assert!(
+        seen["estimate_bps"]
+            .as_u64()
+            .is_some_and(|bps| bps < 1_000_000),
+        "{seen}"
+    );
+    let paused_for_ann = |seen: &Value| {
+        seen["receiving"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["track_id"] == track && r["paused"] == true)
+    };
+    assert!(paused_for_ann(&seen), "{seen}");
 
     // Once the queue has drained, sound arrives (50 packets a second) and
     // video does not.
@@ -166,4 +183,19 @@ async fn video_that_fits_no_layer_is_paused_until_the_link_clears() {
     let video = count(Kind::Video);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(count(Kind::Video) > video + 10, "video should flow again");
+    let seen = downlink(&server, "thin", &ann);
+    assert!(!paused_for_ann(&seen), "{seen}");
+}
+
+/// `who`'s downlink as the admin API shows it.
+fn downlink(server: &TestServer, room: &str, who: &Client) -> Value {
+    let room = server.state.sfu.room(room).expect("the room");
+    let summary = serde_json::to_value(room.summary()).unwrap();
+    summary["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == who.participant_id.as_str())
+        .expect("the participant")["downlink"]
+        .clone()
 }
