@@ -59,6 +59,10 @@ struct Cli {
     /// VP8 bitrate, bit/s.
     #[arg(long)]
     video_bitrate: Option<u64>,
+    /// Publish video as three simulcast layers (10 %, 30 % and all of the
+    /// video bitrate), as browsers send a camera. Confer only.
+    #[arg(long)]
+    simulcast: bool,
     /// Seconds between keyframes.
     #[arg(long)]
     keyframe_interval: Option<f64>,
@@ -111,6 +115,12 @@ fn plan(cli: &Cli) -> anyhow::Result<Plan> {
         p.warmup = secs(w, "--warmup")?;
     }
     p.ramp_per_s = cli.ramp.unwrap_or(p.ramp_per_s);
+    p.simulcast = cli.simulcast;
+    anyhow::ensure!(
+        !(p.simulcast && (cli.janus || cli.probe)),
+        "--simulcast: Confer only (the Janus adapter and the probe forward one stream per track)"
+    );
+    anyhow::ensure!(p.video || !p.simulcast, "--simulcast: needs video");
     anyhow::ensure!(p.rooms > 0, "--rooms: must be at least 1");
     anyhow::ensure!(p.publishers > 0, "--publishers: must be at least 1");
     anyhow::ensure!(p.ramp_per_s > 0.0, "--ramp: must be above 0");

@@ -23,7 +23,9 @@ pub struct Marker {
     /// Publisher's index in the whole run.
     pub publisher: u32,
     pub kind: Kind,
-    /// Per-track packet counter, from 0.
+    /// Simulcast layer, 0 the smallest; 0 for a single stream.
+    pub layer: u8,
+    /// Per-stream packet counter, from 0.
     pub seq: u32,
     /// Microseconds since [`clock`]'s epoch when the packet was written.
     pub sent_us: u64,
@@ -33,7 +35,8 @@ impl Marker {
     pub fn write(&self, out: &mut [u8; MARKER_LEN]) {
         out[0..4].copy_from_slice(&MAGIC);
         out[4..8].copy_from_slice(&self.publisher.to_be_bytes());
-        out[8..12].copy_from_slice(&(self.kind as u32).to_be_bytes());
+        out[8..10].copy_from_slice(&(self.kind as u16).to_be_bytes());
+        out[10..12].copy_from_slice(&u16::from(self.layer).to_be_bytes());
         out[12..16].copy_from_slice(&self.seq.to_be_bytes());
         out[16..24].copy_from_slice(&self.sent_us.to_be_bytes());
     }
@@ -45,19 +48,30 @@ impl Marker {
             return None;
         }
         let u32_at = |i: usize| u32::from_be_bytes([t[i], t[i + 1], t[i + 2], t[i + 3]]);
-        let kind = match u32_at(8) {
+        let kind = match u16::from_be_bytes([t[8], t[9]]) {
             0 => Kind::Audio,
             1 => Kind::Video,
             _ => return None,
         };
+        let layer = u16::from_be_bytes([t[10], t[11]]);
+        if layer >= u16::from(MAX_LAYERS) {
+            return None;
+        }
         Some(Marker {
             publisher: u32_at(4),
             kind,
+            layer: layer as u8,
             seq: u32_at(12),
             sent_us: u64::from_be_bytes(t[16..24].try_into().ok()?),
         })
     }
 }
+
+/// The simulcast layers of a video sent with `--simulcast`, smallest first:
+/// rid (as Confer maps them) and share of the video bitrate, about what a
+/// browser sends for a 720p camera.
+pub const LAYERS: [(&str, f64); 3] = [("q", 0.1), ("h", 0.3), ("f", 1.0)];
+pub const MAX_LAYERS: u8 = LAYERS.len() as u8;
 
 /// Microseconds since the first call in this process: the one clock that
 /// senders and receivers share, since they all live in this process.
@@ -82,6 +96,7 @@ pub fn audio_payload() -> Vec<u8> {
 
 /// VP8 frames at a target bitrate: keyframes several times the size of the
 /// frames between them, sizes varying by ±20 % as a real encoder's do.
+#[derive(Clone, Copy, Debug)]
 pub struct VideoShape {
     pub bitrate_bps: u64,
     pub fps: u32,
@@ -169,6 +184,7 @@ pub const SILENT_LEVEL: u8 = 127;
 /// packets due at each tick, each stamped with its [`Marker`].
 pub struct TrackSource {
     pub kind: Kind,
+    layer: u8,
     publisher: u32,
     speaking: bool,
     ssrc: u32,
@@ -190,6 +206,7 @@ impl TrackSource {
     ) -> TrackSource {
         TrackSource {
             kind,
+            layer: 0,
             publisher,
             speaking,
             ssrc,
@@ -200,6 +217,11 @@ impl TrackSource {
             frame: 0,
             rng: <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng(),
         }
+    }
+
+    /// The same, as simulcast layer `layer` of a video.
+    pub fn in_layer(self, layer: u8) -> TrackSource {
+        TrackSource { layer, ..self }
     }
 
     /// Time between two ticks: one audio frame, or one video frame.
@@ -242,6 +264,7 @@ impl TrackSource {
             let marker = Marker {
                 publisher: self.publisher,
                 kind: self.kind,
+                layer: self.layer,
                 seq: self.counter,
                 sent_us: clock(),
             };
@@ -279,6 +302,7 @@ mod tests {
         let m = Marker {
             publisher: 7,
             kind: Kind::Video,
+            layer: 2,
             seq: 123_456,
             sent_us: 9_876_543_210,
         };

@@ -23,7 +23,9 @@ use webrtc::peer_connection::{
     RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
     register_default_interceptors,
 };
-use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit, RtpSender};
+use webrtc::rtp_transceiver::{
+    RTCRtpTransceiverDirection, RTCRtpTransceiverInit, RtpSender, RtpTransceiver,
+};
 
 const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
 
@@ -39,6 +41,8 @@ pub enum Publish {
 pub struct Shared {
     pub counters: Counters,
     pub video: VideoShape,
+    /// Video goes out as [`media::LAYERS`] simulcast layers.
+    pub simulcast: bool,
     /// Set when publishers should stop.
     pub stop: watch::Receiver<bool>,
     /// Local address peers bind (127.0.0.1, or an address in a test namespace).
@@ -107,6 +111,7 @@ impl Peer {
         candidates: mpsc::UnboundedSender<RTCIceCandidateInit>,
     ) -> anyhow::Result<Peer> {
         let stats = Arc::new(Mutex::new(Subscriber::new(started_us)));
+        let simulcast = shared.simulcast;
         let connected = Arc::new(AtomicBool::new(false));
         let bind = std::net::SocketAddr::new(shared.bind_ip, 0).to_string();
         let mut me = MediaEngine::default();
@@ -149,6 +154,10 @@ impl Peer {
         };
         let mut locals = Vec::new();
         for &kind in kinds {
+            if kind == Kind::Video && simulcast {
+                locals.extend(add_simulcast_video(&pc, name).await?);
+                continue;
+            }
             let ssrc: u32 = rand::random();
             let (codec_kind, codec) = match kind {
                 Kind::Audio => (
@@ -189,6 +198,7 @@ impl Peer {
                 local,
                 sender,
                 ssrc,
+                layer: None,
             });
         }
         Ok(Peer {
@@ -263,6 +273,89 @@ struct Track {
     local: Arc<TrackLocalStaticRTP>,
     sender: Arc<dyn RtpSender>,
     ssrc: u32,
+    /// A simulcast layer's index, and the transceiver whose mid it carries.
+    layer: Option<(u8, Arc<dyn RtpTransceiver>)>,
+}
+
+/// A VP8 track sent as [`media::LAYERS`]: one transceiver, one stream per
+/// layer.
+async fn add_simulcast_video(
+    pc: &Arc<dyn PeerConnection>,
+    name: &str,
+) -> anyhow::Result<Vec<Track>> {
+    let ssrcs: Vec<u32> = media::LAYERS.iter().map(|_| rand::random()).collect();
+    let encodings = media::LAYERS
+        .iter()
+        .zip(&ssrcs)
+        .map(|((rid, _), &ssrc)| RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                rid: (*rid).to_owned(),
+                ssrc: Some(ssrc),
+                ..Default::default()
+            },
+            codec: RTCRtpCodec {
+                mime_type: "video/VP8".into(),
+                clock_rate: 90000,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .collect();
+    let local = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        format!("{name}-stream"),
+        format!("{name}-video"),
+        format!("{name} Video"),
+        RtpCodecKind::Video,
+        encodings,
+    )));
+    let init = RTCRtpTransceiverInit {
+        direction: RTCRtpTransceiverDirection::Sendonly,
+        streams: vec![],
+        send_encodings: vec![],
+    };
+    let transceiver = pc
+        .add_transceiver_from_track(local.clone() as Arc<dyn TrackLocal>, Some(init))
+        .await?;
+    let sender = transceiver.sender().await?.context("no sender")?;
+    Ok(ssrcs
+        .into_iter()
+        .enumerate()
+        .map(|(layer, ssrc)| Track {
+            kind: Kind::Video,
+            local: local.clone(),
+            sender: sender.clone(),
+            ssrc,
+            layer: Some((layer as u8, transceiver.clone())),
+        })
+        .collect())
+}
+
+/// The header extensions that tag a simulcast layer's packets with its
+/// transceiver's mid and its rid, as browsers send them: (id, value).
+async fn layer_tags(
+    params: &rtc::rtp_transceiver::rtp_sender::RTCRtpSendParameters,
+    layer: u8,
+    transceiver: &Arc<dyn RtpTransceiver>,
+) -> Vec<(u8, bytes::Bytes)> {
+    let mid = transceiver.mid().await.ok().flatten().unwrap_or_default();
+    let rid = media::LAYERS[layer as usize].0;
+    [
+        ("urn:ietf:params:rtp-hdrext:sdes:mid", mid.into_bytes()),
+        (
+            "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id",
+            rid.as_bytes().to_vec(),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(uri, value)| {
+        let ext = params
+            .rtp_parameters
+            .header_extensions
+            .iter()
+            .find(|e| e.uri == uri)?;
+        Some((ext.id as u8, bytes::Bytes::from(value)))
+    })
+    .collect()
 }
 
 async fn publish(
@@ -288,14 +381,21 @@ async fn publish(
         .first()
         .map_or(96, |c| c.payload_type);
     let mut source = TrackSource::new(t.kind, (index, speaking), t.ssrc, pt);
-    let mut tick = tokio::time::interval(source.interval(&shared.video));
+    let mut video = shared.video;
+    let mut tags = Vec::new();
+    if let Some((layer, transceiver)) = &t.layer {
+        source = source.in_layer(*layer);
+        video.bitrate_bps = (video.bitrate_bps as f64 * media::LAYERS[*layer as usize].1) as u64;
+        tags = layer_tags(&params, *layer, transceiver).await;
+    }
+    let mut tick = tokio::time::interval(source.interval(&video));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        for (counter, pkt) in source.next_packets(&shared.video) {
+        for (counter, mut pkt) in source.next_packets(&video) {
             let written = if t.kind == Kind::Audio {
                 let level = AudioLevelExtension {
                     level: source.audio_level(),
@@ -305,6 +405,9 @@ async fn publish(
                     .write_rtp_with_extensions(pkt, &[HeaderExtension::AudioLevel(level)])
                     .await
             } else {
+                for (id, value) in &tags {
+                    let _ = pkt.header.set_extension(*id, value.clone());
+                }
                 t.local.write_rtp(pkt).await
             };
             if written.is_err() {

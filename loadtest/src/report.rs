@@ -1,5 +1,6 @@
 //! The JSON report (`loadtest/README.md` documents it) and its human summary.
 
+use crate::media::MAX_LAYERS;
 use crate::process::Machine;
 use serde::Serialize;
 
@@ -37,6 +38,8 @@ pub struct PlanReport {
     pub speakers_per_room: Option<usize>,
     pub video: bool,
     pub video_bitrate_bps: u64,
+    /// Video sent as three simulcast layers (`--simulcast`).
+    pub simulcast: bool,
     pub duration_s: f64,
     pub warmup_s: f64,
     pub ramp_per_s: f64,
@@ -113,6 +116,9 @@ pub struct Streams {
     /// Times the server paused a video for a subscriber because its link
     /// fit no layer: on loopback, a false alarm.
     pub paused: u64,
+    /// Video packets received per simulcast layer, smallest first (a single
+    /// stream counts as layer 0).
+    pub video_packets_by_layer: [u64; MAX_LAYERS as usize],
 }
 
 /// One second of the run, from the first join.
@@ -189,6 +195,12 @@ impl Report {
             self.streams.paused,
             self.generator.cpu_percent
         );
+        if self.plan.simulcast {
+            s += &format!(
+                "  layers         video packets received per layer, smallest first: {:?}\n",
+                self.streams.video_packets_by_layer
+            );
+        }
         for e in &self.participants.errors {
             s += &format!("  join error     {e}\n");
         }

@@ -27,6 +27,8 @@ pub struct Plan {
     pub speakers: Option<usize>,
     pub video: bool,
     pub video_shape_bps: u64,
+    /// Video as three simulcast layers, as browsers send a camera.
+    pub simulcast: bool,
     pub keyframe_every: Duration,
     pub duration: Duration,
     pub warmup: Duration,
@@ -45,6 +47,7 @@ impl Plan {
             speakers: None,
             video: true,
             video_shape_bps: 1_200_000,
+            simulcast: false,
             keyframe_every: Duration::from_secs(3),
             duration: Duration::from_secs(20),
             warmup: Duration::from_secs(3),
@@ -256,6 +259,7 @@ pub async fn run(
             keyframe_every: plan.keyframe_every,
             ..VideoShape::default()
         },
+        simulcast: plan.simulcast,
         stop,
         bind_ip,
     });
@@ -453,6 +457,7 @@ fn assemble(
         .collect();
     let (mut expected, mut received, mut streams, mut missing) = (0, 0, 0, 0);
     let mut unexpected = 0;
+    let mut by_layer = [0u64; media::MAX_LAYERS as usize];
     let mut jitters = Vec::new();
     let mut latencies = Vec::new();
     let mut joins = Vec::new();
@@ -465,19 +470,29 @@ fn assemble(
             }
             for &k in kinds {
                 // A muted microphone's silence is not expected to arrive.
+                let layers: Vec<(u8, &stats::Stream)> = (0..media::MAX_LAYERS)
+                    .filter_map(|l| Some((l, sub.streams.get(&(p, k, l))?)))
+                    .collect();
                 if k == Kind::Audio && !speaking {
-                    unexpected += usize::from(sub.streams.contains_key(&(p, k)));
+                    unexpected += usize::from(!layers.is_empty());
                     continue;
                 }
                 streams += 1;
-                match sub.streams.get(&(p, k)) {
-                    Some(s) => {
-                        let (e, r) = stats::expected_and_received(s, sent.last(k));
-                        expected += e;
-                        received += r;
-                        jitters.push(s.jitter_us / 1000.0);
+                if layers.is_empty() {
+                    missing += 1;
+                }
+                // A simulcast layer is received while the server picks it,
+                // so only holes within what arrived of it count as lost.
+                let simulcast = plan.simulcast && k == Kind::Video;
+                for (layer, s) in layers {
+                    if k == Kind::Video {
+                        by_layer[layer as usize] += s.received;
                     }
-                    None => missing += 1,
+                    let last = if simulcast { None } else { sent.last(k) };
+                    let (e, r) = stats::expected_and_received(s, last);
+                    expected += e;
+                    received += r;
+                    jitters.push(s.jitter_us / 1000.0);
                 }
             }
         }
@@ -561,6 +576,7 @@ fn assemble(
             speakers_per_room: plan.speakers,
             video: plan.video,
             video_bitrate_bps: plan.video_shape_bps,
+            simulcast: plan.simulcast,
             duration_s: plan.duration.as_secs_f64(),
             warmup_s: plan.warmup.as_secs_f64(),
             ramp_per_s: plan.ramp_per_s,
@@ -604,6 +620,7 @@ fn assemble(
             missing,
             unexpected,
             paused: w1.paused,
+            video_packets_by_layer: by_layer,
         },
         timeline,
     }

@@ -59,7 +59,8 @@ pub struct Subscriber {
     /// [`crate::media::clock`] when it asked for a token.
     pub started_us: u64,
     pub first_media_us: Option<u64>,
-    pub streams: HashMap<(u32, Kind), Stream>,
+    /// By publisher, kind and simulcast layer.
+    pub streams: HashMap<(u32, Kind, u8), Stream>,
     /// (arrival, latency) in microseconds, for percentiles over a window.
     pub latencies: Vec<(u64, u32)>,
 }
@@ -79,7 +80,7 @@ impl Subscriber {
             .push((now_us, latency.min(u32::MAX as u64) as u32));
         let s = self
             .streams
-            .entry((m.publisher, m.kind))
+            .entry((m.publisher, m.kind, m.layer))
             .or_insert_with(|| Stream {
                 first_seq: m.seq,
                 highest_seq: m.seq,
@@ -127,6 +128,7 @@ mod tests {
         Marker {
             publisher: 1,
             kind: Kind::Audio,
+            layer: 0,
             seq,
             sent_us,
         }
@@ -138,7 +140,7 @@ mod tests {
         for seq in [10, 11, 13, 12, 15] {
             sub.on_packet(marker(seq, 1000 * seq as u64), 1000 * seq as u64 + 300);
         }
-        let s = &sub.streams[&(1, Kind::Audio)];
+        let s = &sub.streams[&(1, Kind::Audio, 0)];
         assert_eq!(expected_and_received(s, None), (6, 5));
         assert_eq!(expected_and_received(s, Some(17)), (8, 5));
         assert_eq!(sub.join_us(), Some(10_300));
@@ -150,7 +152,7 @@ mod tests {
         for seq in 0..100 {
             sub.on_packet(marker(seq, seq as u64 * 20_000), seq as u64 * 20_000 + 500);
         }
-        assert_eq!(sub.streams[&(1, Kind::Audio)].jitter_us, 0.0);
+        assert_eq!(sub.streams[&(1, Kind::Audio, 0)].jitter_us, 0.0);
         // Transit alternating by 1 ms converges on 1 ms of jitter.
         for seq in 100..400 {
             let extra = if seq % 2 == 0 { 1000 } else { 0 };
@@ -159,7 +161,7 @@ mod tests {
                 seq as u64 * 20_000 + 500 + extra,
             );
         }
-        let j = sub.streams[&(1, Kind::Audio)].jitter_us;
+        let j = sub.streams[&(1, Kind::Audio, 0)].jitter_us;
         assert!((j - 1000.0).abs() < 1.0, "{j}");
     }
 
