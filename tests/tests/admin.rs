@@ -93,12 +93,11 @@ async fn an_operator_sees_who_gets_what_removes_and_closes() {
     })
     .await;
 
-    let rooms: Value = get("/rooms", Some(SECRET))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let json = |path: &'static str| {
+        let request = get(path, Some(SECRET));
+        async move { request.await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let rooms = json("/rooms").await;
     let room = &rooms["rooms"][0];
     assert_eq!(room["id"], "ops");
     let mut got = Vec::new();
@@ -132,12 +131,7 @@ async fn an_operator_sees_who_gets_what_removes_and_closes() {
     // A clean loopback link: no limit known.
     assert_eq!(ann_row["downlink"]["estimate_bps"], Value::Null);
 
-    let one: Value = get("/rooms/ops", Some(SECRET))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let one = json("/rooms/ops").await;
     assert_eq!(one["participants"].as_array().unwrap().len(), 2);
     let r = get("/rooms/nowhere", Some(SECRET)).await.unwrap();
     assert_eq!(r.status(), 404);
