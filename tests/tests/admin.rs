@@ -37,6 +37,13 @@ fn shape(v: &Value, at: &str, out: &mut Vec<String>) {
     out.sort();
 }
 
+/// `r` is the API's error `code` with HTTP `status`.
+async fn expect_error(r: reqwest::Response, status: u16, code: &str) {
+    assert_eq!(r.status(), status);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], code, "{body}");
+}
+
 fn documented_room() -> Value {
     let doc = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/http-api.md"),
@@ -74,9 +81,7 @@ async fn an_operator_sees_who_gets_what_removes_and_closes() {
 
     for secret in [None, Some("wrong-secret-of-some-length")] {
         let r = get("/rooms", secret).await.unwrap();
-        assert_eq!(r.status(), 401);
-        let body: Value = r.json().await.unwrap();
-        assert_eq!(body["error"]["code"], "unauthorized");
+        expect_error(r, 401, "unauthorized").await;
     }
     let r = get("/rooms", Some(SECRET)).await.unwrap();
     assert_eq!(r.status(), 200);
@@ -134,11 +139,7 @@ async fn an_operator_sees_who_gets_what_removes_and_closes() {
     let one = json("/rooms/ops").await;
     assert_eq!(one["participants"].as_array().unwrap().len(), 2);
     let r = get("/rooms/nowhere", Some(SECRET)).await.unwrap();
-    assert_eq!(r.status(), 404);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "no_such_room"
-    );
+    expect_error(r, 404, "no_such_room").await;
 
     // Removing: a participant that is not there, then Bo.
     let delete = |path: String| {
@@ -149,11 +150,7 @@ async fn an_operator_sees_who_gets_what_removes_and_closes() {
     let r = delete("/rooms/ops/participants/nobody".into())
         .await
         .unwrap();
-    assert_eq!(r.status(), 404);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "no_such_participant"
-    );
+    expect_error(r, 404, "no_such_participant").await;
     let r = delete(format!("/rooms/ops/participants/{}", bo.participant_id))
         .await
         .unwrap();
@@ -182,9 +179,5 @@ async fn without_a_configured_secret_the_admin_api_is_off() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 403);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "admin_disabled"
-    );
+    expect_error(r, 403, "admin_disabled").await;
 }
