@@ -2,6 +2,7 @@
 //! and video, and receive everyone else's media intact and in order.
 
 use confer_tests::{Client, Kind, TestServer, check_payload, init_logging, verify_stream};
+use serde_json::json;
 use std::time::{Duration, Instant};
 
 /// Waits until `cond` holds, polling; fails with `what` after `within`.
@@ -257,4 +258,52 @@ async fn lost_video_is_resent_on_nack() {
         3,
     )
     .unwrap();
+}
+
+/// A tile scrolled out of sight asks for no video (`video_quality: off`)
+/// and gets it back later: the packets it was not sent are not a gap, so
+/// its browser has nothing to ask again for and nothing to count as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hidden_tile_gets_its_video_back_without_a_gap() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    let ann = Client::join(&server, "ann", "tiles", 1, true)
+        .await
+        .unwrap();
+    let bo = Client::join(&server, "bo", "tiles", 2, true).await.unwrap();
+    let video = || ann.received(&bo.participant_id, Kind::Video).packets;
+    wait_for("bo's video", Duration::from_secs(20), || video().len() > 30).await;
+    let track = server
+        .state
+        .sfu
+        .room("tiles")
+        .unwrap()
+        .tracks()
+        .into_iter()
+        .find(|t| t.publisher == bo.participant_id && t.info.kind == confer_sfu::TrackKind::Video)
+        .unwrap()
+        .info
+        .id
+        .clone();
+    let quality = |q: &str| json!({"type": "video_quality", "track_id": track, "quality": q});
+
+    ann.send(quality("off"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = video().len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(video().len() < before + 3, "video should stop while hidden");
+    ann.send(quality("high"));
+    wait_for("bo's video again", Duration::from_secs(10), || {
+        video().len() > before + 30
+    })
+    .await;
+
+    let seqs: Vec<u16> = video().iter().map(|(seq, _)| *seq).collect();
+    let widest = seqs
+        .windows(2)
+        .map(|w| w[1].wrapping_sub(w[0]))
+        .filter(|d| *d < 0x8000) // reordering, not a gap
+        .max()
+        .unwrap();
+    assert!(widest <= 2, "a gap of {widest} sequence numbers");
 }
