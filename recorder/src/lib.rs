@@ -16,12 +16,14 @@
 pub mod audio;
 pub mod jitter;
 pub mod mux;
+pub mod participant;
 pub mod recording;
 pub mod s3;
 pub mod store;
 pub mod timeline;
 pub mod upload;
 pub mod vp8;
+pub mod worker;
 
 pub use recording::{Running, Settings, recover, spool_bytes, start};
 pub use store::{LocalStore, Manifest, Store};

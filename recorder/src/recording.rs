@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 #[derive(Clone, Debug)]
@@ -74,6 +74,9 @@ pub enum RecordError {
     Store(#[from] store::StoreError),
     #[error("nothing was recorded")]
     Empty,
+    /// A recorder process elsewhere could not record or store it.
+    #[error("recorder: {0}")]
+    Remote(String),
 }
 
 /// What survives a crash, next to the segments.
@@ -94,6 +97,25 @@ pub struct Running {
 }
 
 impl Running {
+    /// A recording that another task carries out (a recorder process
+    /// elsewhere): `stop` is signalled, then `done` is awaited.
+    pub fn elsewhere(
+        id: String,
+        stop: oneshot::Sender<()>,
+        done: tokio::task::JoinHandle<Result<Manifest, RecordError>>,
+    ) -> Running {
+        Running {
+            id,
+            stop: Some(stop),
+            done,
+        }
+    }
+
+    /// It ended without being stopped: its room closed, or it failed.
+    pub fn is_finished(&self) -> bool {
+        self.done.is_finished()
+    }
+
     /// Ends the recording task where it stands, as if the process died:
     /// no trailer, no upload. [`recover`] finishes what it left.
     pub fn abort(self) {
@@ -112,18 +134,61 @@ impl Running {
     }
 }
 
-/// Starts recording `room`.
+/// Asks the publisher of a track for a keyframe.
+pub type Keyframes = dyn Fn(&str) + Send + Sync;
+
+/// Where a recording's media comes from: the room in this process
+/// ([`Feed::tap`]), or a recorder's own WebRTC connection to it
+/// ([`crate::participant`]).
+pub struct Feed {
+    pub room: String,
+    pub events: mpsc::Receiver<Tapped>,
+    pub keyframe: Box<Keyframes>,
+    /// Called once the recording stops taking media.
+    pub end: Box<dyn FnOnce() + Send>,
+}
+
+impl Feed {
+    /// The tap of a room in this process.
+    pub fn tap(room: Arc<Room>) -> Feed {
+        let events = room.start_tap();
+        let (r1, r2) = (room.clone(), room.clone());
+        Feed {
+            room: room.id.clone(),
+            events,
+            keyframe: Box::new(move |id| r1.request_keyframe(id)),
+            end: Box::new(move || r2.stop_tap()),
+        }
+    }
+}
+
+/// A new recording id: 128 random bits, so that keys are not guessable.
+pub fn new_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Starts recording `room` in this process.
 pub fn start(room: Arc<Room>, title: String, store: Arc<dyn Store>, settings: Settings) -> Running {
-    let id = format!("{:032x}", rand::random::<u128>());
+    start_feed(Feed::tap(room), new_id(), title, store, settings)
+}
+
+/// Starts recording what `feed` brings, as recording `id`.
+pub fn start_feed(
+    feed: Feed,
+    id: String,
+    title: String,
+    store: Arc<dyn Store>,
+    settings: Settings,
+) -> Running {
     let state = State {
         id: id.clone(),
-        room: room.id.clone(),
+        room: feed.room.clone(),
         title,
         started_at: Utc::now(),
         participants: Vec::new(),
     };
     let (stop, stop_rx) = oneshot::channel();
-    let done = tokio::spawn(run(room, state, store, settings, stop_rx));
+    let done = tokio::spawn(run(feed, state, store, settings, stop_rx));
     Running {
         id,
         stop: Some(stop),
@@ -132,7 +197,7 @@ pub fn start(room: Arc<Room>, title: String, store: Arc<dyn Store>, settings: Se
 }
 
 async fn run(
-    room: Arc<Room>,
+    feed: Feed,
     state: State,
     store: Arc<dyn Store>,
     settings: Settings,
@@ -145,23 +210,28 @@ async fn run(
         .then(|| Uploader::start(store.clone(), state.clone(), settings.segment));
     let mut p = Pipeline::new(state, dir.clone(), &settings, uploader)?;
     p.save_state()?;
-    info!(room = %room.id, recording = %p.state.id, "recording started");
-    let mut tap = room.start_tap();
+    info!(room = %feed.room, recording = %p.state.id, "recording started");
+    let Feed {
+        events: mut tap,
+        keyframe,
+        end,
+        ..
+    } = feed;
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             _ = &mut stop => break,
             event = tap.recv() => match event {
-                Some(e) => p.event(e, &room),
+                Some(e) => p.event(e, &keyframe),
                 None => break,
             },
-            _ = tick.tick() => p.tick(Instant::now(), &room)?,
+            _ = tick.tick() => p.tick(Instant::now(), &keyframe)?,
         }
     }
-    room.stop_tap();
+    end();
     while let Ok(e) = tap.try_recv() {
-        p.event(e, &room);
+        p.event(e, &keyframe);
     }
     let state = p.finish()?;
     // From here the spool holds a finished recording: if storing fails, a
@@ -431,7 +501,7 @@ impl Pipeline {
         Ok(write_state(&self.dir, &self.state)?)
     }
 
-    fn event(&mut self, e: Tapped, room: &Room) {
+    fn event(&mut self, e: Tapped, keyframe: &Keyframes) {
         match e {
             Tapped::Track(info) => {
                 let media = match info.kind {
@@ -473,7 +543,7 @@ impl Pipeline {
                 );
                 if is_video && self.shown.is_none() && self.pending.is_none() {
                     self.pending = Some(id.clone());
-                    room.request_keyframe(&id);
+                    keyframe(&id);
                 }
             }
             Tapped::Rtp {
@@ -512,12 +582,12 @@ impl Pipeline {
                     self.pending = None;
                 }
                 if self.shown.is_none() && self.pending.is_none() {
-                    self.pick_video(room);
+                    self.pick_video(keyframe);
                 }
             }
             Tapped::Speaker { participant_id } => {
                 self.speaker = participant_id;
-                self.pick_video(room);
+                self.pick_video(keyframe);
             }
         }
     }
@@ -562,7 +632,7 @@ impl Pipeline {
 
     /// Chooses whose video to show: the active speaker's if they have
     /// video, else whoever is shown already, else anyone's.
-    fn pick_video(&mut self, room: &Room) {
+    fn pick_video(&mut self, keyframe: &Keyframes) {
         let video_of = |p: &str| {
             self.tracks
                 .iter()
@@ -585,13 +655,13 @@ impl Pipeline {
             && Some(&id) != self.shown.as_ref()
             && Some(&id) != self.pending.as_ref()
         {
-            room.request_keyframe(&id);
+            keyframe(&id);
             self.pending = Some(id);
         }
     }
 
-    fn tick(&mut self, now: Instant, room: &Room) -> Result<(), RecordError> {
-        self.drain_jitter(now, room)?;
+    fn tick(&mut self, now: Instant, keyframe: &Keyframes) -> Result<(), RecordError> {
+        self.drain_jitter(now, keyframe)?;
         let now_ms = self.now_us(now) / 1000;
         // Audio up to the playout delay ago.
         let until = ((self.now_us(now) - self.delay_us).max(0) as u64 * audio::RATE as u64
@@ -612,7 +682,7 @@ impl Pipeline {
         if self.rollover_since.is_none() && now_ms - self.segment_started_ms >= self.segment_ms {
             self.rollover_since = Some(now_ms);
             if let Some(id) = &self.shown {
-                room.request_keyframe(id);
+                keyframe(id);
             }
         }
         if let Some(since) = self.rollover_since
@@ -625,17 +695,22 @@ impl Pipeline {
         Ok(())
     }
 
-    fn drain_jitter(&mut self, now: Instant, room: &Room) -> Result<(), RecordError> {
+    fn drain_jitter(&mut self, now: Instant, keyframe: &Keyframes) -> Result<(), RecordError> {
         let ids: Vec<Arc<str>> = self.tracks.keys().cloned().collect();
         for id in ids {
             while let Some(out) = self.tracks.get_mut(&id).and_then(|t| t.jitter.pop(now)) {
-                self.process(&id, out, room)?;
+                self.process(&id, out, keyframe)?;
             }
         }
         Ok(())
     }
 
-    fn process(&mut self, id: &Arc<str>, out: Out<Packet>, room: &Room) -> Result<(), RecordError> {
+    fn process(
+        &mut self,
+        id: &Arc<str>,
+        out: Out<Packet>,
+        keyframe: &Keyframes,
+    ) -> Result<(), RecordError> {
         let t = self.tracks.get_mut(id).expect("caller checked");
         match (&mut t.media, out) {
             (
@@ -670,7 +745,7 @@ impl Pipeline {
             (Media::Video { depack }, Out::Lost { .. }) => {
                 depack.lost();
                 if self.shown.as_ref() == Some(id) || self.pending.as_ref() == Some(id) {
-                    room.request_keyframe(id);
+                    keyframe(id);
                 }
             }
             (Media::Video { depack }, Out::Packet { item, .. }) => {

@@ -21,6 +21,17 @@ use webrtc::peer_connection::RTCIceCandidateInit;
 pub enum Role {
     Moderator,
     Participant,
+    /// A recorder taking part over WebRTC: it receives everything and
+    /// publishes nothing, and the others are not shown it (they see the
+    /// room's recording indicator instead). A room holding only recorders
+    /// is empty.
+    Recorder,
+}
+
+impl Role {
+    pub fn is_hidden(self) -> bool {
+        self == Role::Recorder
+    }
 }
 
 /// Who is joining, as established by signaling (from the verified token).
@@ -186,6 +197,15 @@ pub struct Room {
     recording: Mutex<Option<String>>,
 }
 
+impl RoomInner {
+    /// Participants the others see.
+    fn visible(&self) -> impl Iterator<Item = &Arc<Participant>> {
+        self.participants
+            .iter()
+            .filter(|p| !p.info.role.is_hidden())
+    }
+}
+
 #[derive(Default)]
 struct RoomInner {
     participants: Vec<Arc<Participant>>,
@@ -286,13 +306,20 @@ impl Sfu {
         room_id: &str,
         who: ParticipantInfo,
     ) -> Result<Joined, SfuError> {
-        let room = self.room_or_create(room_id);
+        let hidden = who.role.is_hidden();
+        // A recorder joins a meeting in progress; it never opens one.
+        let room = match hidden {
+            true => self
+                .room(room_id)
+                .ok_or_else(|| SfuError::RoomClosed(room_id.to_owned()))?,
+            false => self.room_or_create(room_id),
+        };
         {
             let inner = room.inner.lock().unwrap();
             if inner.closed {
                 return Err(SfuError::RoomClosed(room_id.to_owned()));
             }
-            if inner.participants.len() >= self.config.max_participants {
+            if !hidden && inner.visible().count() >= self.config.max_participants {
                 return Err(SfuError::RoomFull(room_id.to_owned()));
             }
         }
@@ -303,11 +330,7 @@ impl Sfu {
             if inner.closed {
                 None
             } else {
-                let others: Vec<_> = inner
-                    .participants
-                    .iter()
-                    .map(|p| room.summarise(p, &inner))
-                    .collect();
+                let others: Vec<_> = inner.visible().map(|p| room.summarise(p, &inner)).collect();
                 inner.participants.push(participant.clone());
                 Some((others, inner.tracks.clone()))
             }
@@ -316,12 +339,14 @@ impl Sfu {
             participant.close().await;
             return Err(SfuError::RoomClosed(room_id.to_owned()));
         };
-        let me = room.summary_of(&participant);
-        self.tell_observer(Lifecycle::Joined {
-            room: room_id.to_owned(),
-            participant: me.clone(),
-        });
-        room.broadcast_except(&participant.id, RoomEvent::ParticipantJoined(me));
+        if !hidden {
+            let me = room.summary_of(&participant);
+            self.tell_observer(Lifecycle::Joined {
+                room: room_id.to_owned(),
+                participant: me.clone(),
+            });
+            room.broadcast_except(&participant.id, RoomEvent::ParticipantJoined(me));
+        }
         for t in tracks {
             participant.subscribe(&t).await;
         }
@@ -337,7 +362,7 @@ impl Sfu {
     fn schedule_removal_if_empty(self: &Arc<Self>, room: &Arc<Room>) {
         let epoch = {
             let mut inner = room.inner.lock().unwrap();
-            if !inner.participants.is_empty() {
+            if inner.visible().next().is_some() {
                 return;
             }
             inner.empty_epoch += 1;
@@ -353,13 +378,24 @@ impl Sfu {
             };
             let still_empty = {
                 let inner = room.inner.lock().unwrap();
-                inner.participants.is_empty() && inner.empty_epoch == epoch
+                inner.visible().next().is_none() && inner.empty_epoch == epoch
             };
             if still_empty {
-                let mut rooms = sfu.rooms.lock().unwrap();
-                if rooms.get(&room.id).is_some_and(|r| Arc::ptr_eq(r, &room)) {
-                    rooms.remove(&room.id);
-                    drop(rooms);
+                let removed = {
+                    let mut rooms = sfu.rooms.lock().unwrap();
+                    let ours = rooms.get(&room.id).is_some_and(|r| Arc::ptr_eq(r, &room));
+                    ours && rooms.remove(&room.id).is_some()
+                };
+                if removed {
+                    // Recorders still in it leave with the room.
+                    let hidden = {
+                        let mut inner = room.inner.lock().unwrap();
+                        inner.closed = true;
+                        inner.participants.clone()
+                    };
+                    for p in hidden {
+                        room.leave(&p.id, "room_closed").await;
+                    }
                     info!(room = %room.id, "empty room removed");
                     sfu.tell_observer(Lifecycle::RoomClosed {
                         room: room.id.clone(),
@@ -409,8 +445,9 @@ impl Room {
         inner.participants.iter().find(|p| p.id == id).cloned()
     }
 
+    /// Participants the others see (recorders are not counted).
     pub fn participant_count(&self) -> usize {
-        self.inner.lock().unwrap().participants.len()
+        self.inner.lock().unwrap().visible().count()
     }
 
     /// Published tracks, for stats and tests.
@@ -677,11 +714,14 @@ impl Room {
         let started = std::time::Instant::now();
         p.close().await;
         warn_if_slow(started, participant_id, "closing the peer connection");
+        info!(room = %self.id, participant = participant_id, reason, "left");
+        if p.info.role.is_hidden() {
+            return;
+        }
         self.broadcast(RoomEvent::ParticipantLeft {
             participant_id: participant_id.to_owned(),
             reason: reason.to_owned(),
         });
-        info!(room = %self.id, participant = participant_id, reason, "left");
         if let Some(sfu) = self.sfu.upgrade() {
             sfu.tell_observer(Lifecycle::Left {
                 room: self.id.clone(),

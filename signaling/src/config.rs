@@ -22,6 +22,8 @@ pub struct Config {
     pub schedule: ScheduleConfig,
     pub webhooks: WebhookConfig,
     pub recording: RecordingConfig,
+    /// For `confer recorder` only.
+    pub recorder: RecorderConfig,
 }
 
 /// Recordings (`docs/recording.md`).
@@ -47,6 +49,71 @@ pub struct RecordingConfig {
     /// `local` (a directory; the default) or `s3`.
     pub store: StoreKind,
     pub s3: S3Config,
+    /// `embedded` (the default): this process records. `remote`: recorder
+    /// processes (`confer recorder`) connect and are given the recordings.
+    pub recorders: RecorderMode,
+    /// The bearer secret recorder processes connect with (at least 32
+    /// characters); required with `recorders = "remote"`, and by
+    /// `confer recorder`.
+    pub recorder_secret: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecorderMode {
+    Embedded,
+    Remote,
+}
+
+/// A recorder process (`confer recorder`): where signaling is, and how much
+/// it takes on. It stores into the `[recording]` store, which must be the
+/// one signaling lists from (S3, or a shared directory).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecorderConfig {
+    /// Signaling's base URL, e.g. `http://10.0.0.5:8080`.
+    pub signaling_url: Option<String>,
+    /// Shown in signaling's logs; defaults to the host name.
+    pub name: Option<String>,
+    /// Most recordings at once.
+    pub capacity: u32,
+    /// Address its WebRTC sockets bind: one the SFU can reach (this
+    /// machine's address when the SFU is on another).
+    pub bind_ip: std::net::IpAddr,
+}
+
+impl Default for RecorderConfig {
+    fn default() -> Self {
+        RecorderConfig {
+            signaling_url: None,
+            name: None,
+            capacity: 4,
+            bind_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+        }
+    }
+}
+
+impl RecorderConfig {
+    /// What `confer recorder` needs beyond the shared keys.
+    pub fn validate(&self, recording: &RecordingConfig) -> Result<(), ConfigError> {
+        match &self.signaling_url {
+            None => return Err(invalid("recorder.signaling_url", "must be set")),
+            Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                return Err(invalid(
+                    "recorder.signaling_url",
+                    "must start with http:// or https://",
+                ));
+            }
+            Some(_) => {}
+        }
+        if recording.recorder_secret.is_none() {
+            return Err(invalid("recording.recorder_secret", "must be set"));
+        }
+        if !(1..=1000).contains(&self.capacity) {
+            return Err(invalid("recorder.capacity", "must be 1 to 1000"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -94,6 +161,8 @@ impl Default for RecordingConfig {
             sweep_interval: Duration::from_secs(3600),
             store: StoreKind::Local,
             s3: S3Config::default(),
+            recorders: RecorderMode::Embedded,
+            recorder_secret: None,
         }
     }
 }
@@ -246,6 +315,7 @@ impl Default for Config {
             schedule: ScheduleConfig::default(),
             webhooks: WebhookConfig::default(),
             recording: RecordingConfig::default(),
+            recorder: RecorderConfig::default(),
         }
     }
 }
@@ -281,6 +351,7 @@ const SECTIONS: &[&str] = &[
     "webhooks",
     "recording.s3",
     "recording",
+    "recorder",
     "auth",
     "sfu",
 ];
@@ -371,6 +442,22 @@ impl Config {
         }
         if !(2..=300).contains(&self.recording.segment_seconds) {
             return Err(invalid("recording.segment_seconds", "must be 2 to 300"));
+        }
+        if let Some(s) = &self.recording.recorder_secret
+            && s.len() < 32
+        {
+            return Err(invalid(
+                "recording.recorder_secret",
+                "must be at least 32 characters",
+            ));
+        }
+        if self.recording.recorders == RecorderMode::Remote
+            && self.recording.recorder_secret.is_none()
+        {
+            return Err(invalid(
+                "recording.recorder_secret",
+                "must be set when recording.recorders is \"remote\"",
+            ));
         }
         if self.recording.sweep_interval.is_zero() {
             return Err(invalid("recording.sweep_interval", "must be at least 1"));

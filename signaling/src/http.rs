@@ -29,6 +29,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/ws", get(ws))
+        .route("/api/recorders", get(recorders))
         .route("/api/config", get(client_config))
         .route("/api/demo/token", post(demo_token))
         .route("/api/demo/meetings", post(demo_meeting))
@@ -55,6 +56,29 @@ async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Respons
         .max_message_size(WS_FRAME_LIMIT)
         .max_frame_size(WS_FRAME_LIMIT)
         .on_upgrade(move |socket| session::run(socket, state))
+}
+
+/// A recorder process connecting (`docs/recording.md`).
+async fn recorders(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let Some(remote) = state.recordings.remote.clone() else {
+        return api_error(
+            StatusCode::FORBIDDEN,
+            "recorders_disabled",
+            "set recording.recorders = \"remote\" for recorder processes to connect",
+        );
+    };
+    let secret = state.config.recording.recorder_secret.as_deref();
+    if let Some(refused) = check_bearer(&headers, secret, "recorder") {
+        return refused;
+    }
+    upgrade
+        .max_message_size(WS_FRAME_LIMIT)
+        .max_frame_size(WS_FRAME_LIMIT)
+        .on_upgrade(move |socket| remote.serve(socket))
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -393,18 +417,24 @@ fn check_admin(state: &AppState, headers: &HeaderMap) -> Option<Response> {
             "set auth.admin_secret to use the admin API",
         ));
     };
+    check_bearer(headers, Some(secret), "admin")
+}
+
+/// `None` when the request carries `secret` as its bearer token.
+fn check_bearer(headers: &HeaderMap, secret: Option<&str>, what: &str) -> Option<Response> {
+    let secret = secret.unwrap_or_default();
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if bool::from(given.as_bytes().ct_eq(secret.as_bytes())) {
+    if !secret.is_empty() && bool::from(given.as_bytes().ct_eq(secret.as_bytes())) {
         None
     } else {
         Some(api_error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "missing or wrong admin bearer secret",
+            format!("missing or wrong {what} bearer secret"),
         ))
     }
 }

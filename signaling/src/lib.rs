@@ -21,6 +21,7 @@ mod doc_examples;
 pub mod http;
 pub mod meeting;
 pub mod protocol;
+pub mod recorders;
 pub mod recordings;
 pub mod schedule;
 pub mod session;
@@ -68,6 +69,7 @@ impl AppState {
             token::Tokens::new(config.auth.token_secret.as_deref(), pem.as_deref())
                 .map_err(|e| format!("auth.token_public_key_file: {e}"))?
         };
+        let tokens = Arc::new(tokens);
         let client = reqwest::Client::builder()
             .timeout(config.schedule.timeout)
             .connect_timeout(config.schedule.timeout)
@@ -89,7 +91,8 @@ impl AppState {
             )
         });
         let sfu = Sfu::new(config.sfu.clone());
-        let recordings = recordings::Recordings::new(&config, sfu.clone(), webhooks.clone());
+        let recordings =
+            recordings::Recordings::new(&config, sfu.clone(), webhooks.clone(), tokens.clone());
         let meetings = meeting::Meetings::new(
             &sfu,
             schedule.clone(),
@@ -99,7 +102,7 @@ impl AppState {
         Ok(AppState {
             sfu,
             config: Arc::new(config),
-            tokens: Arc::new(tokens),
+            tokens,
             schedule,
             local_meetings,
             meetings,

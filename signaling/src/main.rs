@@ -35,6 +35,9 @@ enum Command {
     Sfu(Common),
     /// Run only signaling (split deployments; not available yet).
     Signaling(Common),
+    /// Record meetings for a signaling server elsewhere
+    /// (`recording.recorders = "remote"` there; see docs/recording.md).
+    Recorder(Common),
     /// Load and validate the configuration, print it, and exit.
     CheckConfig(Common),
 }
@@ -61,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(c) => serve(load(&c)?).await,
+        Command::Recorder(c) => recorder(load(&c)?).await,
         Command::CheckConfig(c) => {
             let cfg = load(&c)?;
             println!(
@@ -105,6 +109,38 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 ),
             }
         }
+    }
+    Ok(())
+}
+
+async fn recorder(cfg: Config) -> anyhow::Result<()> {
+    cfg.recorder.validate(&cfg.recording)?;
+    let (store, _) = confer_signaling::recordings::open_store(&cfg);
+    let settings = confer_signaling::recordings::recorder_settings(&cfg);
+    std::fs::create_dir_all(&settings.spool).with_context(|| {
+        format!(
+            "recording.spool_dir: cannot create {}",
+            settings.spool.display()
+        )
+    })?;
+    let r = &cfg.recorder;
+    let name = r.name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "recorder".into())
+    });
+    let worker = confer_recorder::worker::WorkerSettings {
+        signaling: r.signaling_url.clone().unwrap_or_default(),
+        secret: cfg.recording.recorder_secret.clone().unwrap_or_default(),
+        name,
+        capacity: r.capacity,
+        bind: r.bind_ip,
+    };
+    // Printed for scripts, as `serve` prints its address.
+    println!("confer recorder for {}", worker.signaling);
+    tokio::select! {
+        () = confer_recorder::worker::run(worker, store, settings) => {}
+        () = stop_requested() => tracing::info!("recorder stopping; the next start stores what was in progress"),
     }
     Ok(())
 }

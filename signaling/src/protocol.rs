@@ -182,6 +182,7 @@ pub enum ErrorCode {
     AlreadyRecording,
     NotRecording,
     RecordingSpoolFull,
+    NoRecorder,
     MeetingNotFound,
     MeetingNotStarted,
     MeetingEnded,

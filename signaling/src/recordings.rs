@@ -30,6 +30,8 @@ pub enum RecordingError {
     NotRecording,
     #[error("no such room")]
     NoRoom,
+    #[error("no recorder is available: none is connected, or all are at capacity")]
+    NoRecorder,
     #[error(
         "the server's recording spool is full ({used_mb} MB of {max_mb} MB): \
          recordings waiting for storage must be stored first"
@@ -37,9 +39,52 @@ pub enum RecordingError {
     SpoolFull { used_mb: u64, max_mb: u64 },
 }
 
+/// How a recording is made and kept here, from `[recording]`.
+pub fn recorder_settings(config: &crate::Config) -> Settings {
+    let r = &config.recording;
+    Settings {
+        segment: Duration::from_secs(r.segment_seconds.into()),
+        // S3 is another machine: segments go there as they complete.
+        upload_segments: r.store == crate::config::StoreKind::S3,
+        keep: chrono::Duration::days(r.keep_days.into()),
+        spool: r
+            .spool_dir
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("spool")),
+        ..Settings::default()
+    }
+}
+
+/// The store `[recording]` names; the same again as S3, for its lifecycle rule.
+pub fn open_store(config: &crate::Config) -> (Arc<dyn Store>, Option<Arc<S3Store>>) {
+    let r = &config.recording;
+    match r.store {
+        crate::config::StoreKind::Local => {
+            let dir = r
+                .local_dir
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join("recordings"));
+            (Arc::new(LocalStore::new(dir)), None)
+        }
+        crate::config::StoreKind::S3 => {
+            let c = &r.s3;
+            let s3 = Arc::new(S3Store::new(&S3Settings {
+                endpoint: c.endpoint.clone(),
+                region: c.region.clone(),
+                bucket: c.bucket.clone().unwrap_or_default(),
+                access_key_id: c.access_key_id.clone().unwrap_or_default(),
+                secret_access_key: c.secret_access_key.clone().unwrap_or_default(),
+                path_style: c.path_style,
+            }));
+            (s3.clone() as Arc<dyn Store>, Some(s3))
+        }
+    }
+}
+
 /// How often the spool's size is checked while recording.
 const SPOOL_CHECK: Duration = Duration::from_secs(2);
 const SPOOL_FULL: &str = "the server's recording spool is full";
+const RECORDING_ENDED: &str = "the recorder stopped";
 
 pub struct Recordings {
     pub store: Arc<dyn Store>,
@@ -55,6 +100,11 @@ pub struct Recordings {
     spool_max: u64,
     /// Signs download links.
     link_key: Vec<u8>,
+    /// With `recording.recorders = "remote"`: the recorder processes that
+    /// record instead of this one.
+    pub remote: Option<Arc<crate::recorders::Recorders>>,
+    /// Mints the tokens remote recorders join with.
+    tokens: Arc<crate::token::Tokens>,
 }
 
 impl Recordings {
@@ -62,23 +112,10 @@ impl Recordings {
         config: &crate::Config,
         sfu: Arc<Sfu>,
         webhooks: Option<Arc<Webhooks>>,
+        tokens: Arc<crate::token::Tokens>,
     ) -> Arc<Recordings> {
         let r = &config.recording;
-        let local_dir = r
-            .local_dir
-            .clone()
-            .unwrap_or_else(|| config.data_dir.join("recordings"));
-        let settings = Settings {
-            segment: Duration::from_secs(r.segment_seconds.into()),
-            // S3 is another machine: segments go there as they complete.
-            upload_segments: r.store == crate::config::StoreKind::S3,
-            keep: chrono::Duration::days(r.keep_days.into()),
-            spool: r
-                .spool_dir
-                .clone()
-                .unwrap_or_else(|| config.data_dir.join("spool")),
-            ..Settings::default()
-        };
+        let settings = recorder_settings(config);
         // Links must verify on every node of a cluster: derive the key from
         // the shared token secret when there is one.
         let link_key = match &config.auth.token_secret {
@@ -89,21 +126,7 @@ impl Recordings {
             }
             None => rand::random::<[u8; 32]>().to_vec(),
         };
-        let (store, s3): (Arc<dyn Store>, _) = match r.store {
-            crate::config::StoreKind::Local => (Arc::new(LocalStore::new(local_dir)), None),
-            crate::config::StoreKind::S3 => {
-                let c = &r.s3;
-                let s3 = Arc::new(S3Store::new(&S3Settings {
-                    endpoint: c.endpoint.clone(),
-                    region: c.region.clone(),
-                    bucket: c.bucket.clone().unwrap_or_default(),
-                    access_key_id: c.access_key_id.clone().unwrap_or_default(),
-                    secret_access_key: c.secret_access_key.clone().unwrap_or_default(),
-                    path_style: c.path_style,
-                }));
-                (s3.clone() as Arc<dyn Store>, Some(s3))
-            }
-        };
+        let (store, s3) = open_store(config);
         Arc::new(Recordings {
             store,
             s3,
@@ -115,6 +138,8 @@ impl Recordings {
             webhooks,
             running: Mutex::new(HashMap::new()),
             link_key,
+            remote: (r.recorders == crate::config::RecorderMode::Remote).then(Arc::default),
+            tokens,
         })
     }
 
@@ -145,7 +170,10 @@ impl Recordings {
         let mut spool_check = tokio::time::interval(SPOOL_CHECK);
         loop {
             tokio::select! {
-                _ = spool_check.tick() => self.stop_all_if_spool_full(),
+                _ = spool_check.tick() => {
+                    self.stop_all_if_spool_full();
+                    self.stop_ended();
+                }
                 _ = sweep.tick() => match store::sweep(self.store.as_ref(), Utc::now()).await {
                     Ok(0) => {}
                     Ok(n) => info!(deleted = n, "expired recordings deleted"),
@@ -201,6 +229,22 @@ impl Recordings {
         }
     }
 
+    /// Recordings that ended without being stopped (their recorder was
+    /// lost, or failed) are stopped here, so that the room is told.
+    fn stop_ended(self: &Arc<Self>) {
+        let ended: Vec<String> = {
+            let running = self.running.lock().unwrap();
+            running
+                .iter()
+                .filter(|(_, r)| r.is_finished())
+                .map(|(room, _)| room.clone())
+                .collect()
+        };
+        for room in ended {
+            let _ = self.stop_because(&room, RECORDING_ENDED, Some(RECORDING_ENDED));
+        }
+    }
+
     pub fn is_recording(&self, room: &str) -> bool {
         self.running.lock().unwrap().contains_key(room)
     }
@@ -220,12 +264,21 @@ impl Recordings {
                 max_mb: self.spool_max / 1_000_000,
             });
         }
-        let r = confer_recorder::start(
-            room.clone(),
-            title.to_owned(),
-            self.store.clone(),
-            self.settings.clone(),
-        );
+        let r = match &self.remote {
+            None => confer_recorder::start(
+                room.clone(),
+                title.to_owned(),
+                self.store.clone(),
+                self.settings.clone(),
+            ),
+            Some(remote) => {
+                let id = confer_recorder::recording::new_id();
+                let token = self.tokens.mint_recorder(room_id);
+                remote
+                    .dispatch(&id, room_id, title, token)
+                    .ok_or(RecordingError::NoRecorder)?
+            }
+        };
         let id = r.id.clone();
         running.insert(room_id.to_owned(), r);
         drop(running);

@@ -411,6 +411,7 @@ impl Session {
                         E::NotRecording => ErrorCode::NotRecording,
                         E::NoRoom => ErrorCode::RoomClosed,
                         E::SpoolFull { .. } => ErrorCode::RecordingSpoolFull,
+                        E::NoRecorder => ErrorCode::NoRecorder,
                     };
                     return self.error(code, e.to_string());
                 }

@@ -36,6 +36,9 @@ pub enum JoinKind {
     #[default]
     Meeting,
     Call,
+    /// A recorder process joining to record (see `recorders`): only
+    /// Confer mints these, for itself.
+    Recorder,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -59,6 +62,19 @@ pub struct Tokens {
     keys: Vec<(DecodingKey, Algorithm)>,
     /// Only in demo mode.
     minting: Option<EncodingKey>,
+    /// Per process, for the recorders it sends into its rooms.
+    internal: (EncodingKey, DecodingKey),
+}
+
+/// The `kid` of tokens Confer mints for its recorders.
+const RECORDER_KID: &str = "confer-recorder";
+
+fn internal_key() -> (EncodingKey, DecodingKey) {
+    let secret: [u8; 32] = rand::random();
+    (
+        EncodingKey::from_secret(&secret),
+        DecodingKey::from_secret(&secret),
+    )
 }
 
 impl Tokens {
@@ -76,6 +92,7 @@ impl Tokens {
         Ok(Tokens {
             keys,
             minting: None,
+            internal: internal_key(),
         })
     }
 
@@ -85,7 +102,25 @@ impl Tokens {
         Tokens {
             keys: vec![(DecodingKey::from_secret(&secret), Algorithm::HS256)],
             minting: Some(EncodingKey::from_secret(&secret)),
+            internal: internal_key(),
         }
+    }
+
+    /// A token for a recorder to join `room` hidden, valid one minute:
+    /// only this process accepts it.
+    pub fn mint_recorder(&self, room: &str) -> String {
+        let claims = Claims {
+            sub: "confer-recorder".into(),
+            name: "Recorder".into(),
+            room: room.to_owned(),
+            role: Role::Recorder,
+            exp: now_secs() + 60,
+            email: None,
+            kind: JoinKind::Recorder,
+        };
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(RECORDER_KID.into());
+        jsonwebtoken::encode(&header, &claims, &self.internal.0).expect("HS256 signs")
     }
 
     pub fn can_mint(&self) -> bool {
@@ -103,7 +138,16 @@ impl Tokens {
         }
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| TokenError::Invalid(e.to_string()))?;
-        let Some((key, alg)) = self.keys.iter().find(|(_, a)| *a == header.alg) else {
+        let recorder = header.kid.as_deref() == Some(RECORDER_KID);
+        let found = match recorder {
+            true => Some((&self.internal.1, &Algorithm::HS256)),
+            false => self
+                .keys
+                .iter()
+                .find(|(_, a)| *a == header.alg)
+                .map(|(k, a)| (k, a)),
+        };
+        let Some((key, alg)) = found else {
             return Err(TokenError::Invalid(format!(
                 "algorithm {:?} is not accepted",
                 header.alg
@@ -114,7 +158,16 @@ impl Tokens {
         v.set_required_spec_claims(&["exp", "sub"]);
         v.validate_aud = false;
         match jsonwebtoken::decode::<Claims>(token, key, &v) {
-            Ok(data) => validate_claims(data.claims),
+            Ok(data) => {
+                let c = data.claims;
+                let claims_recorder = c.kind == JoinKind::Recorder || c.role == Role::Recorder;
+                if claims_recorder && !recorder {
+                    return Err(TokenError::Invalid(
+                        "only Confer's own recorders join as recorder".into(),
+                    ));
+                }
+                validate_claims(c)
+            }
             Err(e) => match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => Err(TokenError::Expired),
                 _ => Err(TokenError::Invalid(e.to_string())),
@@ -225,6 +278,29 @@ mod tests {
             tokens.verify("garbage").unwrap_err().code(),
             "token_invalid"
         );
+    }
+
+    #[test]
+    fn only_confer_itself_admits_recorders() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let tokens = Tokens::new(Some(secret), None).unwrap();
+        let minted = tokens.mint_recorder("standup");
+        let c = tokens.verify(&minted).unwrap();
+        assert_eq!((c.role, c.kind), (Role::Recorder, JoinKind::Recorder));
+        // Another process's recorder token, and a home server's token that
+        // claims the recorder role, are both refused.
+        let other = Tokens::new(Some(secret), None).unwrap();
+        assert!(other.verify(&minted).is_err());
+        let mut claimed = claims(now_secs() + 60);
+        claimed.role = Role::Recorder;
+        let forged = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claimed,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        let e = tokens.verify(&forged).unwrap_err();
+        assert!(e.to_string().contains("recorder"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 fn tmp(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("confer-{name}-{:016x}", rand::random::<u64>()))
@@ -296,8 +297,26 @@ fn flash_onsets(file: &Path) -> Vec<f64> {
 /// recording each beep starts within 80 ms of its flash.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audio_and_video_stay_in_sync() {
+    check_sync(false).await;
+}
+
+/// The recorder process gets the SFU's sender reports, not the
+/// publisher's: lips must still be in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_and_video_stay_in_sync_through_a_recorder_process() {
+    check_sync(true).await;
+}
+
+async fn check_sync(through_recorder_process: bool) {
     init_logging();
-    let server = TestServer::start().await.unwrap();
+    let store_dir = tmp("store");
+    let (server, recorder) = match through_recorder_process {
+        true => {
+            let (s, r) = server_with_recorder(&store_dir).await;
+            (s, Some(r))
+        }
+        false => (TestServer::start().await.unwrap(), None),
+    };
     let flashes = Arc::new(confer_tests::vp8_flash_frames(4).unwrap());
     let media = RealMedia::beeps(1000.0, flashes);
     let a = Client::join_real(&server, "ann", &server.token("ann", "sync"), 1, media)
@@ -311,21 +330,35 @@ async fn audio_and_video_stay_in_sync() {
         b.received(&a.participant_id, Kind::Video).packets.len() > 30
     })
     .await;
-    let store_dir = tmp("store");
-    let store: Arc<dyn Store> = Arc::new(LocalStore::new(store_dir.clone()));
-    let settings = Settings {
-        spool: tmp("spool"),
-        ..Default::default()
+    let id = if through_recorder_process {
+        let recordings = &server.state.recordings;
+        let id = recordings.start("sync", "Sync", "user-ann").unwrap();
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        recordings.stop("sync", "stopped by a moderator").unwrap();
+        until("the recording available", Duration::from_secs(30), || {
+            b.saw(|e| e["type"] == "recording" && e["state"] == "available")
+        })
+        .await;
+        id
+    } else {
+        let store: Arc<dyn Store> = Arc::new(LocalStore::new(store_dir.clone()));
+        let settings = Settings {
+            spool: tmp("spool"),
+            ..Default::default()
+        };
+        let rec = confer_recorder::start(
+            server.state.sfu.room("sync").unwrap(),
+            "Sync".into(),
+            store,
+            settings,
+        );
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        rec.stop().await.unwrap().id
     };
-    let rec = confer_recorder::start(
-        server.state.sfu.room("sync").unwrap(),
-        "Sync".into(),
-        store,
-        settings,
-    );
-    tokio::time::sleep(Duration::from_secs(12)).await;
-    let m = rec.stop().await.unwrap();
-    let file = store_dir.join(store::key("sync", &m.id, store::MEDIA));
+    let file = store_dir.join(store::key("sync", &id, store::MEDIA));
+    if let Some(r) = recorder {
+        r.abort();
+    }
 
     let beeps = beep_onsets(&pcm(&file), 1000.0);
     let flashes = flash_onsets(&file);
@@ -443,4 +476,149 @@ async fn shutting_down_stores_the_recording_in_progress() {
     .await;
     assert!(b.saw(|e| e["state"] == "stopped" && e["reason"] == "the server is shutting down"));
     assert!(!recordings.is_recording("recorded"));
+}
+
+const RECORDER_SECRET: &str = "a recorder secret of 32 characters!";
+
+/// Signaling that leaves recording to recorder processes, which store into
+/// the directory it lists from.
+fn remote_recording(c: &mut confer_signaling::Config, store_dir: &Path) {
+    c.recording.recorders = confer_signaling::config::RecorderMode::Remote;
+    c.recording.recorder_secret = Some(RECORDER_SECRET.into());
+    c.recording.local_dir = Some(store_dir.to_owned());
+    c.recording.segment_seconds = 5;
+}
+
+/// A recorder process's work loop, in this test process, connected.
+async fn start_recorder(server: &TestServer, store_dir: &Path) -> tokio::task::JoinHandle<()> {
+    use confer_recorder::worker::{self, WorkerSettings};
+    let settings = WorkerSettings {
+        signaling: format!("http://{}", server.addr),
+        secret: RECORDER_SECRET.into(),
+        name: "test-recorder".into(),
+        capacity: 1,
+        bind: "127.0.0.1".parse().unwrap(),
+    };
+    let recording = Settings {
+        segment: Duration::from_secs(5),
+        spool: tmp("recorder-spool"),
+        ..Default::default()
+    };
+    let store: Arc<dyn Store> = Arc::new(LocalStore::new(store_dir.to_owned()));
+    let recorder = tokio::spawn(worker::run(settings, store, recording));
+    let remote = server.state.recordings.remote.clone().unwrap();
+    until("the recorder connected", Duration::from_secs(10), || {
+        remote.count() == 1
+    })
+    .await;
+    recorder
+}
+
+async fn server_with_recorder(store_dir: &Path) -> (TestServer, tokio::task::JoinHandle<()>) {
+    let server = TestServer::start_with(|c| remote_recording(c, store_dir))
+        .await
+        .unwrap();
+    let recorder = start_recorder(&server, store_dir).await;
+    (server, recorder)
+}
+
+/// `recording.recorders = "remote"`: a recorder process (here in the test
+/// process, but connected as any other: the recorder WebSocket, then the
+/// room over signaling and WebRTC) records, hidden from the participants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorder_process_records_as_a_hidden_participant() {
+    use confer_signaling::recordings::RecordingError;
+    init_logging();
+    let store_dir = tmp("shared-store");
+    let server = TestServer::start_with(|c| remote_recording(c, &store_dir))
+        .await
+        .unwrap();
+    let (a, b) = ann_and_ben_talking(&server).await;
+    let recordings = server.state.recordings.clone();
+    let remote = recordings.remote.clone().unwrap();
+    assert_eq!(
+        recordings.start("recorded", "Remote", "user-ann"),
+        Err(RecordingError::NoRecorder)
+    );
+
+    // A recorder with the wrong secret is turned away.
+    let mut wrong = format!("ws://{}/api/recorders", server.addr)
+        .into_client_request()
+        .unwrap();
+    wrong
+        .headers_mut()
+        .insert("authorization", "Bearer wrong".parse().unwrap());
+    match tokio_tungstenite::connect_async(wrong).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("a wrong secret was not refused: {:?}", other.map(|_| ())),
+    }
+
+    let recorder = start_recorder(&server, &store_dir).await;
+    assert_eq!(remote.count(), 1);
+    let started = Instant::now();
+    let id = recordings.start("recorded", "Remote", "user-ann").unwrap();
+    until("the recorder in the room", Duration::from_secs(10), || {
+        server
+            .state
+            .sfu
+            .room("recorded")
+            .is_some_and(|r| r.summary().participants.len() == 3)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    recordings
+        .stop("recorded", "stopped by a moderator")
+        .unwrap();
+    let wall = started.elapsed().as_secs_f64();
+    until("the recording available", Duration::from_secs(30), || {
+        b.saw(|e| e["type"] == "recording" && e["state"] == "available")
+    })
+    .await;
+
+    // Hidden: nobody was told of it, and the room counts two.
+    for c in [&a, &b] {
+        assert!(
+            !c.saw(|e| e["type"] == "participant_joined" && e["participant"]["role"] == "recorder")
+        );
+    }
+    assert_eq!(
+        server
+            .state
+            .sfu
+            .room("recorded")
+            .unwrap()
+            .participant_count(),
+        2
+    );
+    let list = recordings.list("recorded").await.unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0].id, id);
+    let file = store_dir.join(store::key("recorded", &id, store::MEDIA));
+    let (streams, duration) = probe(&file);
+    assert_eq!(streams, ["video:vp8", "audio:opus"]);
+    // The recorder joins first: up to a second or so is not recorded.
+    assert!(
+        duration > wall - 2.0 && duration < wall + 0.5,
+        "duration {duration:.2} s, recording asked for {wall:.2} s"
+    );
+    decodes_cleanly(&file);
+    let audio = pcm(&file);
+    let middle = window(&audio, 1.0, duration - 1.0);
+    for hz in [440.0, 660.0] {
+        let amplitude = tone(middle, hz);
+        assert!(
+            amplitude > 1000.0,
+            "{hz} Hz missing: amplitude {amplitude:.0}"
+        );
+    }
+    // It leaves the room once done.
+    until("the recorder gone", Duration::from_secs(10), || {
+        server
+            .state
+            .sfu
+            .room("recorded")
+            .is_some_and(|r| r.summary().participants.len() == 2)
+    })
+    .await;
+    recorder.abort();
 }

@@ -1,0 +1,165 @@
+//! Recorder processes on other machines (`confer recorder`), with
+//! `recording.recorders = "remote"`. Each keeps a WebSocket open here
+//! (`GET /api/recorders`, `docs/recording.md`); a recording is given to the
+//! one with the fewest in progress, which joins the room as a hidden
+//! participant and answers `stored` (with the manifest) or `failed`.
+
+use axum::extract::ws::{Message, WebSocket};
+use confer_recorder::Manifest;
+use confer_recorder::recording::{RecordError, Running};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+/// How long a stopped recording may take to be stored by its recorder.
+const STORE_WAIT: Duration = Duration::from_secs(120);
+
+type Answer = Result<Manifest, String>;
+
+struct Connected {
+    name: String,
+    capacity: usize,
+    tx: mpsc::UnboundedSender<Value>,
+    /// Recordings it holds, each waiting for its answer.
+    holding: HashMap<String, oneshot::Sender<Answer>>,
+}
+
+#[derive(Default)]
+pub struct Recorders {
+    connected: Mutex<HashMap<u64, Connected>>,
+    next: AtomicU64,
+}
+
+impl Recorders {
+    /// Recorders connected now.
+    pub fn count(&self) -> usize {
+        self.connected.lock().unwrap().len()
+    }
+
+    /// Serves one recorder's connection until it closes. Its recordings
+    /// in progress then fail here; it stores them all the same.
+    pub async fn serve(self: Arc<Self>, socket: WebSocket) {
+        let (mut sink, mut stream) = socket.split();
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Value>();
+        tokio::spawn(async move {
+            while let Some(v) = rx.recv().await {
+                if sink
+                    .send(Message::Text(v.to_string().into()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let mut tx = Some(tx);
+        while let Some(Ok(msg)) = stream.next().await {
+            let Message::Text(text) = msg else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else {
+                warn!(recorder = id, "recorder sent a message that is not JSON");
+                continue;
+            };
+            let recording = v["recording_id"].as_str().unwrap_or_default();
+            match v["type"].as_str() {
+                Some("hello") => {
+                    let Some(tx) = tx.take() else { continue };
+                    let name = v["name"].as_str().unwrap_or("recorder").to_owned();
+                    let capacity = v["capacity"].as_u64().unwrap_or(1).clamp(1, 1000) as usize;
+                    info!(recorder = id, %name, capacity, "recorder connected");
+                    self.connected.lock().unwrap().insert(
+                        id,
+                        Connected {
+                            name,
+                            capacity,
+                            tx,
+                            holding: HashMap::new(),
+                        },
+                    );
+                }
+                Some("stored") => match serde_json::from_value::<Manifest>(v["manifest"].clone()) {
+                    Ok(m) => self.answer(id, recording, Ok(m)),
+                    Err(e) => self.answer(id, recording, Err(format!("unreadable manifest: {e}"))),
+                },
+                Some("failed") => {
+                    let error = v["error"].as_str().unwrap_or("unknown error").to_owned();
+                    self.answer(id, recording, Err(error));
+                }
+                other => warn!(recorder = id, ?other, "unknown message from a recorder"),
+            }
+        }
+        if let Some(c) = self.connected.lock().unwrap().remove(&id) {
+            warn!(
+                recorder = id,
+                name = %c.name,
+                recordings = c.holding.len(),
+                "recorder disconnected"
+            );
+        }
+    }
+
+    fn answer(&self, recorder: u64, recording: &str, answer: Answer) {
+        let waiting = self
+            .connected
+            .lock()
+            .unwrap()
+            .get_mut(&recorder)
+            .and_then(|c| c.holding.remove(recording));
+        match waiting {
+            Some(w) => {
+                let _ = w.send(answer);
+            }
+            None => warn!(
+                recorder,
+                recording, "answer for a recording it does not hold"
+            ),
+        }
+    }
+
+    /// Hands recording `id` of `room` to the least busy recorder; `None`
+    /// when none is connected with room to spare. `token` admits it.
+    pub fn dispatch(&self, id: &str, room: &str, title: &str, token: String) -> Option<Running> {
+        let (answer_tx, mut answer) = oneshot::channel();
+        let tx = {
+            let mut connected = self.connected.lock().unwrap();
+            let (_, c) = connected
+                .iter_mut()
+                .filter(|(_, c)| c.holding.len() < c.capacity && !c.tx.is_closed())
+                .min_by_key(|(k, c)| (c.holding.len(), **k))?;
+            c.holding.insert(id.to_owned(), answer_tx);
+            info!(room, recording = id, recorder = %c.name, "recording dispatched");
+            c.tx.clone()
+        };
+        let _ = tx.send(json!({
+            "type": "record", "recording_id": id, "room": room, "title": title, "token": token,
+        }));
+        let (stop, stop_rx) = oneshot::channel();
+        let recording = id.to_owned();
+        let lost = |_| RecordError::Remote("the recorder was lost".into());
+        let done = tokio::spawn(async move {
+            let early = tokio::select! {
+                _ = stop_rx => None,
+                a = &mut answer => Some(a),
+            };
+            let answer = match early {
+                Some(a) => a.map_err(lost)?,
+                None => {
+                    let _ = tx.send(json!({"type": "stop", "recording_id": recording}));
+                    tokio::time::timeout(STORE_WAIT, answer)
+                        .await
+                        .map_err(|_| {
+                            RecordError::Remote(format!("not stored within {STORE_WAIT:?}"))
+                        })?
+                        .map_err(lost)?
+                }
+            };
+            answer.map_err(RecordError::Remote)
+        });
+        Some(Running::elsewhere(id.to_owned(), stop, done))
+    }
+}
