@@ -16,9 +16,10 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tracing::{info, warn};
@@ -49,42 +50,94 @@ struct Worker {
     store: Arc<dyn Store>,
     recording: Settings,
     slots: Mutex<HashMap<String, Slot>>,
+    /// Recordings stopped and being stored, not yet answered.
+    storing: AtomicUsize,
+    /// Shutting down: no new recordings; those in progress are stored.
+    stopping: AtomicBool,
     /// Answers for signaling, kept across reconnections.
     answers: mpsc::UnboundedSender<Value>,
 }
 
-/// Runs until the process ends: connects, serves, connects again.
-pub async fn run(settings: WorkerSettings, store: Arc<dyn Store>, recording: Settings) {
-    // A recorder killed mid-recording left segments: they become files now.
+/// How long a shutdown waits for recordings to be stored: below the 30 s
+/// that Kubernetes and systemd wait before killing.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+
+/// Connects, serves, connects again, until `shutdown` turns true; then
+/// stops the recordings in progress and returns once they are stored and
+/// answered (or after [`SHUTDOWN_GRACE`]; the next start stores the rest).
+pub async fn run(
+    settings: WorkerSettings,
+    store: Arc<dyn Store>,
+    recording: Settings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // A recorder killed mid-recording left segments: they become files now,
+    // and signaling is told as for any other.
+    let (answers, mut queued) = mpsc::unbounded_channel();
     for m in recording::recover(&recording.spool, store.as_ref(), recording.keep, false).await {
         info!(room = %m.room, recording = %m.id, "stored a recording left by an earlier run");
+        let _ = answers.send(json!({"type": "stored", "recording_id": m.id, "manifest": m}));
     }
-    let (answers, mut queued) = mpsc::unbounded_channel();
     let worker = Arc::new(Worker {
         settings,
         store,
         recording,
         slots: Mutex::default(),
+        storing: AtomicUsize::new(0),
+        stopping: AtomicBool::new(false),
         answers,
     });
     let mut delay = Duration::from_secs(1);
     loop {
-        match worker.clone().serve(&mut queued).await {
+        match worker.clone().serve(&mut queued, &mut shutdown).await {
+            Ok(()) if worker.stopping.load(Ordering::Relaxed) => {}
             Ok(()) => {
                 warn!("signaling closed the recorder connection");
                 delay = Duration::from_secs(1);
             }
             Err(e) => warn!("recorder connection: {e}"),
         }
-        tokio::time::sleep(delay).await;
+        if worker.stopping.load(Ordering::Relaxed) {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => worker.stop_all(),
+        }
         delay = (delay * 2).min(Duration::from_secs(10));
     }
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    while !worker.idle() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    info!(stored_all = worker.idle(), "recorder stopped");
 }
 
 impl Worker {
+    /// Nothing recording, nothing left to store.
+    fn idle(&self) -> bool {
+        self.slots.lock().unwrap().is_empty() && self.storing.load(Ordering::Relaxed) == 0
+    }
+
+    /// Shutting down: every recording is stopped and stored.
+    fn stop_all(self: &Arc<Self>) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let ids: Vec<String> = self.slots.lock().unwrap().keys().cloned().collect();
+        info!(
+            recordings = ids.len(),
+            "shutting down: storing recordings in progress"
+        );
+        for id in ids {
+            self.stop(id);
+        }
+    }
+
+    /// Serves one connection; returns when it closes, or once shutting
+    /// down has stored and answered everything.
     async fn serve(
         self: Arc<Self>,
         queued: &mut mpsc::UnboundedReceiver<Value>,
+        shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), String> {
         let base = self.settings.signaling.trim_end_matches('/');
         let url = format!("{}/api/recorders", base.replacen("http", "ws", 1));
@@ -110,8 +163,15 @@ impl Worker {
         let send = |v: Value| Message::Text(v.to_string().into());
         sink.send(send(hello)).await.map_err(|e| e.to_string())?;
         info!(%url, "connected to signaling; waiting for recordings");
+        let mut check = tokio::time::interval(Duration::from_millis(100));
         loop {
+            let stopping = self.stopping.load(Ordering::Relaxed);
+            if stopping && self.idle() && queued.is_empty() {
+                return Ok(());
+            }
             tokio::select! {
+                _ = shutdown.changed(), if !stopping => self.stop_all(),
+                _ = check.tick(), if stopping => {}
                 answer = queued.recv() => {
                     let Some(answer) = answer else { return Ok(()) };
                     if let Err(e) = sink.send(send(answer.clone())).await {
@@ -138,6 +198,9 @@ impl Worker {
         let id = field("recording_id");
         match v["type"].as_str() {
             Some("record") => {
+                if self.stopping.load(Ordering::Relaxed) {
+                    return self.fail(&id, "the recorder is shutting down");
+                }
                 let mut slots = self.slots.lock().unwrap();
                 if slots.len() >= self.settings.capacity as usize {
                     drop(slots);
@@ -149,25 +212,34 @@ impl Worker {
                 let (room, title, token) = (field("room"), field("title"), field("token"));
                 tokio::spawn(async move { me.record(id, room, title, token).await });
             }
-            Some("stop") => {
-                let slot = {
-                    let mut slots = self.slots.lock().unwrap();
-                    match slots.get_mut(&id) {
-                        Some(Slot::Joining(stop)) => {
-                            *stop = true;
-                            None
-                        }
-                        Some(Slot::Recording(_)) => slots.remove(&id),
-                        None => None,
-                    }
-                };
-                if let Some(Slot::Recording(r)) = slot {
-                    let me = self.clone();
-                    tokio::spawn(async move { me.store_answer(id, r.stop().await) });
-                }
-            }
+            Some("stop") => self.stop(id),
             other => warn!(?other, "unknown recorder message from signaling"),
         }
+    }
+
+    /// Stops a recording; one still joining stops as soon as it has joined.
+    fn stop(self: &Arc<Self>, id: String) {
+        let mut slots = self.slots.lock().unwrap();
+        match slots.get_mut(&id) {
+            Some(Slot::Joining(stop)) => *stop = true,
+            Some(Slot::Recording(_)) => {
+                if let Some(Slot::Recording(r)) = slots.remove(&id) {
+                    drop(slots);
+                    self.finish(id, r);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Stores a stopped recording and answers.
+    fn finish(self: &Arc<Self>, id: String, running: Running) {
+        self.storing.fetch_add(1, Ordering::Relaxed);
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.store_answer(id, running.stop().await);
+            me.storing.fetch_sub(1, Ordering::Relaxed);
+        });
     }
 
     async fn record(self: Arc<Self>, id: String, room: String, title: String, token: String) {
@@ -187,17 +259,13 @@ impl Worker {
             self.store.clone(),
             self.recording.clone(),
         );
-        let stop_now = {
-            let mut slots = self.slots.lock().unwrap();
-            let stop_now = matches!(slots.get(&id), Some(Slot::Joining(true)));
-            if !stop_now {
-                slots.insert(id.clone(), Slot::Recording(running));
-                return;
-            }
+        let mut slots = self.slots.lock().unwrap();
+        if matches!(slots.get(&id), Some(Slot::Joining(true))) {
             slots.remove(&id);
-            running
-        };
-        self.store_answer(id, stop_now.stop().await);
+            drop(slots);
+            return self.finish(id, running);
+        }
+        slots.insert(id, Slot::Recording(running));
     }
 
     fn store_answer(&self, id: String, result: Result<crate::Manifest, RecordError>) {

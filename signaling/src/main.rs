@@ -138,10 +138,13 @@ async fn recorder(cfg: Config) -> anyhow::Result<()> {
     };
     // Printed for scripts, as `serve` prints its address.
     println!("confer recorder for {}", worker.signaling);
-    tokio::select! {
-        () = confer_recorder::worker::run(worker, store, settings) => {}
-        () = stop_requested() => tracing::info!("recorder stopping; the next start stores what was in progress"),
-    }
+    let (shutdown, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        stop_requested().await;
+        let _ = shutdown.send(true);
+    });
+    // Returns once the recordings in progress are stored.
+    confer_recorder::worker::run(worker, store, settings, stopping).await;
     Ok(())
 }
 

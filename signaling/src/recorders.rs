@@ -29,13 +29,23 @@ struct Connected {
     holding: HashMap<String, oneshot::Sender<Answer>>,
 }
 
-#[derive(Default)]
 pub struct Recorders {
     connected: Mutex<HashMap<u64, Connected>>,
     next: AtomicU64,
+    /// Recordings stored that no one here waits for: those a recorder
+    /// finished after it was lost (restarted, it stores what it left).
+    recovered: mpsc::UnboundedSender<Manifest>,
 }
 
 impl Recorders {
+    pub fn new(recovered: mpsc::UnboundedSender<Manifest>) -> Recorders {
+        Recorders {
+            connected: Mutex::default(),
+            next: AtomicU64::new(0),
+            recovered,
+        }
+    }
+
     /// Recorders connected now.
     pub fn count(&self) -> usize {
         self.connected.lock().unwrap().len()
@@ -110,14 +120,18 @@ impl Recorders {
             .unwrap()
             .get_mut(&recorder)
             .and_then(|c| c.holding.remove(recording));
-        match waiting {
-            Some(w) => {
+        match (waiting, answer) {
+            (Some(w), answer) => {
                 let _ = w.send(answer);
             }
-            None => warn!(
-                recorder,
-                recording, "answer for a recording it does not hold"
-            ),
+            (None, Ok(m)) => {
+                info!(
+                    recording,
+                    "a recorder stored a recording it had been recording when lost"
+                );
+                let _ = self.recovered.send(m);
+            }
+            (None, Err(e)) => warn!(recorder, recording, error = %e, "a recording not held failed"),
         }
     }
 

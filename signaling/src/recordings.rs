@@ -105,6 +105,8 @@ pub struct Recordings {
     pub remote: Option<Arc<crate::recorders::Recorders>>,
     /// Mints the tokens remote recorders join with.
     tokens: Arc<crate::token::Tokens>,
+    /// Recordings remote recorders stored after they were lost.
+    recovered: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Manifest>>>,
 }
 
 impl Recordings {
@@ -127,6 +129,9 @@ impl Recordings {
             None => rand::random::<[u8; 32]>().to_vec(),
         };
         let (store, s3) = open_store(config);
+        let (recovered_tx, recovered) = tokio::sync::mpsc::unbounded_channel();
+        let remote = (r.recorders == crate::config::RecorderMode::Remote)
+            .then(|| Arc::new(crate::recorders::Recorders::new(recovered_tx)));
         Arc::new(Recordings {
             store,
             s3,
@@ -138,8 +143,9 @@ impl Recordings {
             webhooks,
             running: Mutex::new(HashMap::new()),
             link_key,
-            remote: (r.recorders == crate::config::RecorderMode::Remote).then(Arc::default),
+            remote,
             tokens,
+            recovered: Mutex::new(Some(recovered)),
         })
     }
 
@@ -165,11 +171,18 @@ impl Recordings {
             self.available(&m);
         }
         self.recover_orphans().await;
+        let mut recovered = self
+            .recovered
+            .lock()
+            .unwrap()
+            .take()
+            .expect("maintained once");
         let mut sweep = tokio::time::interval(interval);
         let mut retry = tokio::time::interval(Duration::from_secs(60));
         let mut spool_check = tokio::time::interval(SPOOL_CHECK);
         loop {
             tokio::select! {
+                Some(m) = recovered.recv() => self.available(&m),
                 _ = spool_check.tick() => {
                     self.stop_all_if_spool_full();
                     self.stop_ended();

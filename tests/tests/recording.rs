@@ -505,7 +505,11 @@ async fn start_recorder(server: &TestServer, store_dir: &Path) -> tokio::task::J
         ..Default::default()
     };
     let store: Arc<dyn Store> = Arc::new(LocalStore::new(store_dir.to_owned()));
-    let recorder = tokio::spawn(worker::run(settings, store, recording));
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let recorder = tokio::spawn(async move {
+        worker::run(settings, store, recording, stopping).await;
+        drop(stop);
+    });
     let remote = server.state.recordings.remote.clone().unwrap();
     until("the recorder connected", Duration::from_secs(10), || {
         remote.count() == 1
@@ -621,4 +625,105 @@ async fn a_recorder_process_records_as_a_hidden_participant() {
     })
     .await;
     recorder.abort();
+}
+
+/// A recorder process dies mid-recording: the room is told the recording
+/// stopped; restarted, the recorder stores what its spool holds, and the
+/// room is told it is available. Then a recorder that is shut down (SIGTERM)
+/// stores the recording in progress before it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorder_process_that_dies_or_stops_loses_nothing_it_wrote() {
+    use confer_recorder::worker::{self, WorkerSettings};
+    init_logging();
+    let store_dir = tmp("shared-store");
+    let server = TestServer::start_with(|c| remote_recording(c, &store_dir))
+        .await
+        .unwrap();
+    let (_a, b) = ann_and_ben_talking(&server).await;
+    let recordings = server.state.recordings.clone();
+    let remote = recordings.remote.clone().unwrap();
+    let spool = tmp("recorder-spool");
+    let worker = |spool: &Path| {
+        let settings = WorkerSettings {
+            signaling: format!("http://{}", server.addr),
+            secret: RECORDER_SECRET.into(),
+            name: "mortal".into(),
+            capacity: 2,
+            bind: "127.0.0.1".parse().unwrap(),
+        };
+        let recording = Settings {
+            segment: Duration::from_secs(2),
+            spool: spool.to_owned(),
+            ..Default::default()
+        };
+        let store: Arc<dyn Store> = Arc::new(LocalStore::new(store_dir.clone()));
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        (worker::run(settings, store, recording, stopping), stop)
+    };
+
+    // The first recorder runs on a runtime of its own, so that it can die
+    // as a process does: every task and socket gone at once, files left.
+    let process = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (run, _stop) = worker(&spool);
+    process.spawn(run);
+    until("the recorder connected", Duration::from_secs(10), || {
+        remote.count() == 1
+    })
+    .await;
+    let first = recordings.start("recorded", "Dies", "user-ann").unwrap();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    process.shutdown_background();
+    until("the room told it stopped", Duration::from_secs(10), || {
+        b.saw(|e| e["type"] == "recording" && e["state"] == "stopped" && e["recording_id"] == first)
+    })
+    .await;
+    assert!(!recordings.is_recording("recorded"));
+
+    // Restarted on the same spool: it stores the file and says so.
+    let (run, stop) = worker(&spool);
+    let restarted = tokio::spawn(run);
+    until("the recording available", Duration::from_secs(20), || {
+        b.saw(|e| {
+            e["type"] == "recording" && e["state"] == "available" && e["recording_id"] == first
+        })
+    })
+    .await;
+    let list = recordings.list("recorded").await.unwrap();
+    let m = list.iter().find(|m| m.id == first).expect("listed");
+    // At least everything up to the last completed 2 s segment.
+    assert!(m.duration_ms >= 4000, "{m:?}");
+    let file = store_dir.join(store::key("recorded", &first, store::MEDIA));
+    decodes_cleanly(&file);
+
+    // Shut down while recording: stored and announced before it exits.
+    until(
+        "the recorder connected again",
+        Duration::from_secs(10),
+        || remote.count() == 1,
+    )
+    .await;
+    let second = recordings.start("recorded", "Stops", "user-ann").unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), restarted)
+        .await
+        .expect("the recorder exits once it has stored")
+        .unwrap();
+    until(
+        "the second recording available",
+        Duration::from_secs(10),
+        || {
+            b.saw(|e| {
+                e["type"] == "recording" && e["state"] == "available" && e["recording_id"] == second
+            })
+        },
+    )
+    .await;
+    let list = recordings.list("recorded").await.unwrap();
+    let m = list.iter().find(|m| m.id == second).expect("listed");
+    assert!(m.duration_ms >= 3000, "{m:?}");
 }
