@@ -11,9 +11,10 @@
 //! all the same.
 
 use crate::recording::{self, RecordError, Running, Settings};
+use crate::store::Manifest;
 use crate::store::Store;
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -38,6 +39,42 @@ pub struct WorkerSettings {
     pub bind: IpAddr,
 }
 
+/// What signaling sends a recorder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToRecorder {
+    /// Join `room` with `token` (valid a minute) and record it as `recording_id`.
+    Record {
+        recording_id: String,
+        room: String,
+        title: String,
+        token: String,
+    },
+    /// Stop, store, then answer.
+    Stop { recording_id: String },
+}
+
+/// What a recorder sends signaling.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FromRecorder {
+    /// First, once connected.
+    Hello {
+        name: String,
+        capacity: u32,
+    },
+    /// The recording is in the store; also sent, unasked, for one the
+    /// recorder stored after it had been lost.
+    Stored {
+        recording_id: String,
+        manifest: Manifest,
+    },
+    Failed {
+        recording_id: String,
+        error: String,
+    },
+}
+
 /// One recording this process holds.
 enum Slot {
     /// Joining the room; `true` once a `stop` came meanwhile.
@@ -55,7 +92,7 @@ struct Worker {
     /// Shutting down: no new recordings; those in progress are stored.
     stopping: AtomicBool,
     /// Answers for signaling, kept across reconnections.
-    answers: mpsc::UnboundedSender<Value>,
+    answers: mpsc::UnboundedSender<FromRecorder>,
 }
 
 /// How long a shutdown waits for recordings to be stored: below the 30 s
@@ -76,7 +113,10 @@ pub async fn run(
     let (answers, mut queued) = mpsc::unbounded_channel();
     for m in recording::recover(&recording.spool, store.as_ref(), recording.keep, false).await {
         info!(room = %m.room, recording = %m.id, "stored a recording left by an earlier run");
-        let _ = answers.send(json!({"type": "stored", "recording_id": m.id, "manifest": m}));
+        let _ = answers.send(FromRecorder::Stored {
+            recording_id: m.id.clone(),
+            manifest: m,
+        });
     }
     let worker = Arc::new(Worker {
         settings,
@@ -136,7 +176,7 @@ impl Worker {
     /// down has stored and answered everything.
     async fn serve(
         self: Arc<Self>,
-        queued: &mut mpsc::UnboundedReceiver<Value>,
+        queued: &mut mpsc::UnboundedReceiver<FromRecorder>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), String> {
         let base = self.settings.signaling.trim_end_matches('/');
@@ -155,13 +195,13 @@ impl Worker {
             .await
             .map_err(|e| format!("cannot connect to {url}: {e}"))?;
         let (mut sink, mut stream) = socket.split();
-        let hello = json!({
-            "type": "hello",
-            "name": self.settings.name,
-            "capacity": self.settings.capacity,
-        });
-        let send = |v: Value| Message::Text(v.to_string().into());
-        sink.send(send(hello)).await.map_err(|e| e.to_string())?;
+        let hello = FromRecorder::Hello {
+            name: self.settings.name.clone(),
+            capacity: self.settings.capacity,
+        };
+        let send =
+            |m: &FromRecorder| Message::Text(serde_json::to_string(m).expect("serialises").into());
+        sink.send(send(&hello)).await.map_err(|e| e.to_string())?;
         info!(%url, "connected to signaling; waiting for recordings");
         let mut check = tokio::time::interval(Duration::from_millis(100));
         loop {
@@ -174,7 +214,7 @@ impl Worker {
                 _ = check.tick(), if stopping => {}
                 answer = queued.recv() => {
                     let Some(answer) = answer else { return Ok(()) };
-                    if let Err(e) = sink.send(send(answer.clone())).await {
+                    if let Err(e) = sink.send(send(&answer)).await {
                         // Sent again on the next connection.
                         let _ = self.answers.send(answer);
                         return Err(e.to_string());
@@ -191,13 +231,17 @@ impl Worker {
     }
 
     fn on_message(self: &Arc<Self>, text: &str) {
-        let Ok(v) = serde_json::from_str::<Value>(text) else {
-            return warn!("signaling sent a recorder message that is not JSON");
+        let msg = match serde_json::from_str::<ToRecorder>(text) {
+            Ok(m) => m,
+            Err(e) => return warn!("signaling sent a recorder message not understood: {e}"),
         };
-        let field = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
-        let id = field("recording_id");
-        match v["type"].as_str() {
-            Some("record") => {
+        match msg {
+            ToRecorder::Record {
+                recording_id: id,
+                room,
+                title,
+                token,
+            } => {
                 if self.stopping.load(Ordering::Relaxed) {
                     return self.fail(&id, "the recorder is shutting down");
                 }
@@ -209,11 +253,9 @@ impl Worker {
                 slots.insert(id.clone(), Slot::Joining(false));
                 drop(slots);
                 let me = self.clone();
-                let (room, title, token) = (field("room"), field("title"), field("token"));
                 tokio::spawn(async move { me.record(id, room, title, token).await });
             }
-            Some("stop") => self.stop(id),
-            other => warn!(?other, "unknown recorder message from signaling"),
+            ToRecorder::Stop { recording_id } => self.stop(recording_id),
         }
     }
 
@@ -268,12 +310,13 @@ impl Worker {
         slots.insert(id, Slot::Recording(running));
     }
 
-    fn store_answer(&self, id: String, result: Result<crate::Manifest, RecordError>) {
+    fn store_answer(&self, id: String, result: Result<Manifest, RecordError>) {
         match result {
-            Ok(m) => {
-                let _ = self.answers.send(json!({
-                    "type": "stored", "recording_id": id, "manifest": m,
-                }));
+            Ok(manifest) => {
+                let _ = self.answers.send(FromRecorder::Stored {
+                    recording_id: id,
+                    manifest,
+                });
             }
             Err(e) => self.fail(&id, &e.to_string()),
         }
@@ -281,8 +324,9 @@ impl Worker {
 
     fn fail(&self, id: &str, error: &str) {
         warn!(recording = id, error, "recording failed");
-        let _ = self.answers.send(json!({
-            "type": "failed", "recording_id": id, "error": error,
-        }));
+        let _ = self.answers.send(FromRecorder::Failed {
+            recording_id: id.to_owned(),
+            error: error.to_owned(),
+        });
     }
 }

@@ -7,8 +7,8 @@
 use axum::extract::ws::{Message, WebSocket};
 use confer_recorder::Manifest;
 use confer_recorder::recording::{RecordError, Running};
+use confer_recorder::worker::{FromRecorder, ToRecorder};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +24,7 @@ type Answer = Result<Manifest, String>;
 struct Connected {
     name: String,
     capacity: usize,
-    tx: mpsc::UnboundedSender<Value>,
+    tx: mpsc::UnboundedSender<ToRecorder>,
     /// Recordings it holds, each waiting for its answer.
     holding: HashMap<String, oneshot::Sender<Answer>>,
 }
@@ -56,14 +56,11 @@ impl Recorders {
     pub async fn serve(self: Arc<Self>, socket: WebSocket) {
         let (mut sink, mut stream) = socket.split();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = mpsc::unbounded_channel::<Value>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<ToRecorder>();
         tokio::spawn(async move {
-            while let Some(v) = rx.recv().await {
-                if sink
-                    .send(Message::Text(v.to_string().into()))
-                    .await
-                    .is_err()
-                {
+            while let Some(m) = rx.recv().await {
+                let text = serde_json::to_string(&m).expect("serialises");
+                if sink.send(Message::Text(text.into())).await.is_err() {
                     return;
                 }
             }
@@ -71,16 +68,17 @@ impl Recorders {
         let mut tx = Some(tx);
         while let Some(Ok(msg)) = stream.next().await {
             let Message::Text(text) = msg else { continue };
-            let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else {
-                warn!(recorder = id, "recorder sent a message that is not JSON");
-                continue;
+            let msg = match serde_json::from_str::<FromRecorder>(text.as_str()) {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(recorder = id, "recorder message not understood: {e}");
+                    continue;
+                }
             };
-            let recording = v["recording_id"].as_str().unwrap_or_default();
-            match v["type"].as_str() {
-                Some("hello") => {
+            match msg {
+                FromRecorder::Hello { name, capacity } => {
                     let Some(tx) = tx.take() else { continue };
-                    let name = v["name"].as_str().unwrap_or("recorder").to_owned();
-                    let capacity = v["capacity"].as_u64().unwrap_or(1).clamp(1, 1000) as usize;
+                    let capacity = capacity.clamp(1, 1000) as usize;
                     info!(recorder = id, %name, capacity, "recorder connected");
                     self.connected.lock().unwrap().insert(
                         id,
@@ -92,15 +90,14 @@ impl Recorders {
                         },
                     );
                 }
-                Some("stored") => match serde_json::from_value::<Manifest>(v["manifest"].clone()) {
-                    Ok(m) => self.answer(id, recording, Ok(m)),
-                    Err(e) => self.answer(id, recording, Err(format!("unreadable manifest: {e}"))),
-                },
-                Some("failed") => {
-                    let error = v["error"].as_str().unwrap_or("unknown error").to_owned();
-                    self.answer(id, recording, Err(error));
-                }
-                other => warn!(recorder = id, ?other, "unknown message from a recorder"),
+                FromRecorder::Stored {
+                    recording_id,
+                    manifest,
+                } => self.answer(id, &recording_id, Ok(manifest)),
+                FromRecorder::Failed {
+                    recording_id,
+                    error,
+                } => self.answer(id, &recording_id, Err(error)),
             }
         }
         if let Some(c) = self.connected.lock().unwrap().remove(&id) {
@@ -149,9 +146,12 @@ impl Recorders {
             info!(room, recording = id, recorder = %c.name, "recording dispatched");
             c.tx.clone()
         };
-        let _ = tx.send(json!({
-            "type": "record", "recording_id": id, "room": room, "title": title, "token": token,
-        }));
+        let _ = tx.send(ToRecorder::Record {
+            recording_id: id.to_owned(),
+            room: room.to_owned(),
+            title: title.to_owned(),
+            token,
+        });
         let (stop, stop_rx) = oneshot::channel();
         let recording = id.to_owned();
         let lost = |_| RecordError::Remote("the recorder was lost".into());
@@ -163,7 +163,9 @@ impl Recorders {
             let answer = match early {
                 Some(a) => a.map_err(lost)?,
                 None => {
-                    let _ = tx.send(json!({"type": "stop", "recording_id": recording}));
+                    let _ = tx.send(ToRecorder::Stop {
+                        recording_id: recording,
+                    });
                     tokio::time::timeout(STORE_WAIT, answer)
                         .await
                         .map_err(|_| {
@@ -175,5 +177,46 @@ impl Recorders {
             answer.map_err(RecordError::Remote)
         });
         Some(Running::elsewhere(id.to_owned(), stop, done))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_messages_are_the_protocol() {
+        let text = crate::doc_examples::marked("recording.md", "recorder-messages");
+        let (mut to, mut from) = (Vec::new(), Vec::new());
+        for line in text.lines() {
+            match (
+                serde_json::from_str::<ToRecorder>(line),
+                serde_json::from_str::<FromRecorder>(line),
+            ) {
+                (Ok(m), _) => to.push(m),
+                (_, Ok(m)) => from.push(m),
+                (Err(a), Err(b)) => panic!("{line}\nneither direction: {a}; {b}"),
+            }
+        }
+        assert!(matches!(
+            to[..],
+            [ToRecorder::Record { .. }, ToRecorder::Stop { .. }]
+        ));
+        assert!(matches!(
+            from[..],
+            [
+                FromRecorder::Hello { .. },
+                FromRecorder::Stored { .. },
+                FromRecorder::Failed { .. }
+            ]
+        ));
+        // A message of the wrong shape is refused, not half read.
+        assert!(serde_json::from_str::<ToRecorder>(r#"{"type": "stop"}"#).is_err());
+        assert!(
+            serde_json::from_str::<ToRecorder>(
+                r#"{"type": "stop", "recording_id": "x", "now": 1}"#
+            )
+            .is_err()
+        );
     }
 }
