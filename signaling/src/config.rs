@@ -94,8 +94,7 @@ impl Default for RecorderConfig {
 }
 
 impl RecorderConfig {
-    /// What `confer recorder` needs beyond the shared keys.
-    pub fn validate(&self, recording: &RecordingConfig) -> Result<(), ConfigError> {
+    fn validate(&self, recording: &RecordingConfig) -> Result<(), ConfigError> {
         match &self.signaling_url {
             None => return Err(invalid("recorder.signaling_url", "must be set")),
             Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
@@ -357,8 +356,28 @@ const SECTIONS: &[&str] = &[
 ];
 
 impl Config {
-    /// Reads `path` (if any), applies `CONFER_*` variables from `env`, validates.
+    /// Reads `path` (if any), applies `CONFER_*` variables from `env`, and
+    /// validates it for the server.
     pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let cfg = Self::read(path, env)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// As [`Config::load`], validated for `confer recorder`.
+    pub fn load_recorder(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let cfg = Self::read(path, env)?;
+        cfg.validate_recorder()?;
+        Ok(cfg)
+    }
+
+    fn read(
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
@@ -406,7 +425,6 @@ impl Config {
                 let key = e.path().to_string();
                 invalid(&key, e.into_inner().to_string())
             })?;
-        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -437,6 +455,32 @@ impl Config {
             ));
         }
         self.validate_schedule()?;
+        self.validate_recording()?;
+        if let Some(url) = &self.webhooks.url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(
+                    "webhooks.url",
+                    "must be an http:// or https:// URL",
+                ));
+            }
+            if self.webhooks.secret.as_ref().is_none_or(|s| s.len() < 16) {
+                return Err(invalid(
+                    "webhooks.secret",
+                    "must be set, at least 16 characters, when webhooks.url is",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// What `confer recorder` needs: `[recording]` and `[recorder]`; the
+    /// server's own keys (schedule, webhooks, …) are not its business.
+    pub fn validate_recorder(&self) -> Result<(), ConfigError> {
+        self.validate_recording()?;
+        self.recorder.validate(&self.recording)
+    }
+
+    fn validate_recording(&self) -> Result<(), ConfigError> {
         if !(1..=3650).contains(&self.recording.keep_days) {
             return Err(invalid("recording.keep_days", "must be 1 to 3650"));
         }
@@ -479,20 +523,6 @@ impl Config {
                 return Err(invalid(
                     "recording.s3.endpoint",
                     "must be an http:// or https:// URL",
-                ));
-            }
-        }
-        if let Some(url) = &self.webhooks.url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(invalid(
-                    "webhooks.url",
-                    "must be an http:// or https:// URL",
-                ));
-            }
-            if self.webhooks.secret.as_ref().is_none_or(|s| s.len() < 16) {
-                return Err(invalid(
-                    "webhooks.secret",
-                    "must be set, at least 16 characters, when webhooks.url is",
                 ));
             }
         }
@@ -611,33 +641,44 @@ mod tests {
     #[test]
     fn kubernetes_example_is_valid() {
         let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-        let manifest = std::fs::read_to_string(deploy.join("kubernetes/deployment.yaml")).unwrap();
-        let dockerfile = std::fs::read_to_string(deploy.join("Dockerfile")).unwrap();
-        let mut vars: Vec<(String, String)> = manifest
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("- name: CONFER_"))
-            .map(|name| {
-                let value = match name {
-                    "SFU_ICE_IP" => "10.0.0.5".to_owned(),
-                    _ => "a-secret-from-kubernetes-0123456789abcdef".to_owned(),
-                };
-                (format!("CONFER_{name}"), value)
-            })
-            .collect();
-        assert!(vars.len() >= 7, "{vars:?}");
-        let image_env = dockerfile
-            .lines()
-            .find_map(|l| l.strip_prefix("ENV "))
-            .unwrap();
-        for pair in image_env.split_whitespace() {
-            let (name, value) = pair.split_once('=').unwrap();
-            vars.push((name.to_owned(), value.to_owned()));
-        }
-        let cfg = Config::load(Some(&deploy.join("kubernetes/confer.toml")), vars)
+        // The variables a manifest sets, with made-up values; the image's too.
+        let vars_of = |manifest: &str| -> Vec<(String, String)> {
+            let manifest = std::fs::read_to_string(deploy.join(manifest)).unwrap();
+            let dockerfile = std::fs::read_to_string(deploy.join("Dockerfile")).unwrap();
+            let mut vars: Vec<(String, String)> = manifest
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("- name: CONFER_"))
+                .map(|name| {
+                    let value = match name {
+                        "SFU_ICE_IP" | "RECORDER_BIND_IP" => "10.0.0.5",
+                        "RECORDER_SIGNALING_URL" => "http://confer",
+                        _ => "a-secret-from-kubernetes-0123456789abcdef",
+                    };
+                    (format!("CONFER_{name}"), value.to_owned())
+                })
+                .collect();
+            assert!(vars.len() >= 5, "{vars:?}");
+            let image_env = dockerfile
+                .lines()
+                .find_map(|l| l.strip_prefix("ENV "))
+                .unwrap();
+            for pair in image_env.split_whitespace() {
+                let (name, value) = pair.split_once('=').unwrap();
+                vars.push((name.to_owned(), value.to_owned()));
+            }
+            vars
+        };
+        let config = deploy.join("kubernetes/confer.toml");
+        let cfg = Config::load(Some(&config), vars_of("kubernetes/deployment.yaml"))
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(!cfg.demo_mode());
         assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/confer"));
         assert_eq!(cfg.sfu.ice_ip.to_string(), "10.0.0.5");
+        // The recorder pods, with the same configuration.
+        let mut vars = vars_of("kubernetes/recorder.yaml");
+        vars.push(("CONFER_RECORDING_RECORDERS".into(), "remote".into()));
+        let cfg = Config::load_recorder(Some(&config), vars).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.recorder.bind_ip.to_string(), "10.0.0.5");
     }
 
     #[test]

@@ -43,7 +43,18 @@ enum Command {
 }
 
 fn load(c: &Common) -> anyhow::Result<Config> {
-    let mut cfg = Config::load(c.config.as_deref(), std::env::vars())?;
+    finish(c, Config::load(c.config.as_deref(), std::env::vars())?)
+}
+
+fn load_recorder(c: &Common) -> anyhow::Result<Config> {
+    finish(
+        c,
+        Config::load_recorder(c.config.as_deref(), std::env::vars())?,
+    )
+}
+
+/// Command-line flags over the file and environment.
+fn finish(c: &Common, mut cfg: Config) -> anyhow::Result<Config> {
     if let Some(l) = c.listen {
         cfg.listen = l;
     }
@@ -64,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(c) => serve(load(&c)?).await,
-        Command::Recorder(c) => recorder(load(&c)?).await,
+        Command::Recorder(c) => recorder(load_recorder(&c)?).await,
         Command::CheckConfig(c) => {
             let cfg = load(&c)?;
             println!(
@@ -114,7 +125,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 }
 
 async fn recorder(cfg: Config) -> anyhow::Result<()> {
-    cfg.recorder.validate(&cfg.recording)?;
     let (store, _) = confer_signaling::recordings::open_store(&cfg);
     let settings = confer_signaling::recordings::recorder_settings(&cfg);
     std::fs::create_dir_all(&settings.spool).with_context(|| {
