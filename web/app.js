@@ -423,7 +423,11 @@ async function handle(msg) {
         showBanner(`Recording stopped${why}. It will be in the recordings list shortly.`);
       }
       if (msg.state === 'available') showBanner('The recording is ready in the recordings list.');
-      if (msg.state === 'failed') { setRecording(false); showBanner('The recording could not be saved.', 'error'); }
+      if (msg.state === 'failed') {
+        setRecording(false);
+        const why = msg.reason ? ` (${msg.reason})` : '';
+        showBanner(`The recording could not be saved${why}.`, 'error');
+      }
       break;
     case 'meeting_ending': {
       const at = new Date(msg.closes_at);

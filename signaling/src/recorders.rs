@@ -79,6 +79,7 @@ impl Recorders {
                 FromRecorder::Hello { name, capacity } => {
                     let Some(tx) = tx.take() else { continue };
                     let capacity = capacity.clamp(1, 1000) as usize;
+                    let name: String = name.chars().take(100).collect();
                     info!(recorder = id, %name, capacity, "recorder connected");
                     self.connected.lock().unwrap().insert(
                         id,
@@ -154,7 +155,11 @@ impl Recorders {
         });
         let (stop, stop_rx) = oneshot::channel();
         let recording = id.to_owned();
-        let lost = |_| RecordError::Remote("the recorder was lost".into());
+        let lost = |_| {
+            RecordError::Remote(
+                "the recorder was lost; it stores what it recorded when it restarts".into(),
+            )
+        };
         let done = tokio::spawn(async move {
             let early = tokio::select! {
                 _ = stop_rx => None,

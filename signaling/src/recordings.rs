@@ -182,7 +182,15 @@ impl Recordings {
         let mut spool_check = tokio::time::interval(SPOOL_CHECK);
         loop {
             tokio::select! {
-                Some(m) = recovered.recv() => self.available(&m),
+                Some(m) = recovered.recv() => {
+                    // Announced only once the store lists it: the room is
+                    // told of what its members can download.
+                    match self.list(&m.room).await {
+                        Ok(list) if list.iter().any(|l| l.id == m.id) => self.available(&m),
+                        Ok(_) => warn!(recording = %m.id, "a recorder reported a recording the store does not list"),
+                        Err(e) => warn!(recording = %m.id, error = %e, "could not check a recovered recording"),
+                    }
+                }
                 _ = spool_check.tick() => {
                     self.stop_all_if_spool_full();
                     self.stop_ended();
@@ -362,13 +370,14 @@ impl Recordings {
         );
         let me = self.clone();
         let room_id = room_id.to_owned();
+        let recording_id = id.clone();
         let task = tokio::spawn(async move {
             match r.stop().await {
                 Ok(m) => me.available(&m),
                 Err(e) => {
                     warn!(room = %room_id, error = %e, "recording could not be stored");
                     if let Some(room) = me.sfu.room(&room_id) {
-                        room.announce_recording("failed", &e.to_string(), None);
+                        room.announce_recording("failed", &recording_id, Some(&e.to_string()));
                     }
                 }
             }

@@ -64,6 +64,9 @@ pub struct Tokens {
     minting: Option<EncodingKey>,
     /// Per process, for the recorders it sends into its rooms.
     internal: (EncodingKey, DecodingKey),
+    /// Recorder tokens already used (signature → expiry): each admits once,
+    /// so one seen on the way cannot let anyone else in unseen.
+    used: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// The `kid` of tokens Confer mints for its recorders.
@@ -93,6 +96,7 @@ impl Tokens {
             keys,
             minting: None,
             internal: internal_key(),
+            used: Default::default(),
         })
     }
 
@@ -103,6 +107,7 @@ impl Tokens {
             keys: vec![(DecodingKey::from_secret(&secret), Algorithm::HS256)],
             minting: Some(EncodingKey::from_secret(&secret)),
             internal: internal_key(),
+            used: Default::default(),
         }
     }
 
@@ -165,6 +170,17 @@ impl Tokens {
                     return Err(TokenError::Invalid(
                         "only Confer's own recorders join as recorder".into(),
                     ));
+                }
+                if recorder {
+                    let signature = token.rsplit('.').next().unwrap_or_default();
+                    let mut used = self.used.lock().unwrap();
+                    let now = now_secs();
+                    used.retain(|_, exp| *exp + LEEWAY_SECS >= now);
+                    if used.insert(signature.to_owned(), c.exp).is_some() {
+                        return Err(TokenError::Invalid(
+                            "this recorder token was used already".into(),
+                        ));
+                    }
                 }
                 validate_claims(c)
             }
@@ -287,6 +303,9 @@ mod tests {
         let minted = tokens.mint_recorder("standup");
         let c = tokens.verify(&minted).unwrap();
         assert_eq!((c.role, c.kind), (Role::Recorder, JoinKind::Recorder));
+        // Once only.
+        let again = tokens.verify(&minted).unwrap_err();
+        assert!(again.to_string().contains("used already"), "{again}");
         // Another process's recorder token, and a home server's token that
         // claims the recorder role, are both refused.
         let other = Tokens::new(Some(secret), None).unwrap();

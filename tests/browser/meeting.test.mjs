@@ -332,6 +332,82 @@ test('confer killed while recording: the restarted process finishes the recordin
   }
 });
 
+// `confer recorder` as its own process, as on another machine.
+async function startRecorder(signalingUrl, env, dataDir) {
+  const proc = spawn(BIN, ['recorder', '--data-dir', dataDir], {
+    env: { ...process.env, ...env, CONFER_RECORDER_SIGNALING_URL: signalingUrl },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  proc.stdout.on('data', (d) => { if (process.env.SHOW_CONFER_LOG) process.stderr.write(d); });
+  return proc;
+}
+
+test('a recorder process records the meeting; killed, its restart stores what it had', async () => {
+  const secret = randomBytes(16).toString('hex');
+  const dataDir = mkdtempSync(join(tmpdir(), 'confer-remote-rec-'));
+  const shared = {
+    CONFER_AUTH_TOKEN_SECRET: secret,
+    CONFER_RECORDING_RECORDER_SECRET: randomBytes(16).toString('hex'),
+    CONFER_RECORDING_LOCAL_DIR: join(dataDir, 'recordings'),
+    CONFER_RECORDING_SEGMENT_SECONDS: '2',
+  };
+  const room = `remote-${randomBytes(4).toString('hex')}`;
+  const token = (name, role) => joinToken(secret, {
+    sub: `u-${name}`, name, room, role, kind: 'call', exp: Math.floor(Date.now() / 1000) + 600,
+  });
+  const auth = { Authorization: `Bearer ${token('Bo', 'participant')}` };
+  const listed = async (n) => waitFor(`${n} recording(s) listed`, 30000, async () => {
+    const r = await fetch(`${server.url}/api/rooms/${room}/recordings`, { headers: auth });
+    const body = await r.json();
+    return body.recordings && body.recordings.length === n && body.recordings;
+  });
+  const server = await startConfer({ ...shared, CONFER_RECORDING_RECORDERS: 'remote' }, join(dataDir, 'server'));
+  let recorder = await startRecorder(server.url, shared, join(dataDir, 'recorder'));
+  const pages = [];
+  try {
+    for (const [name, role] of [['Ana', 'moderator'], ['Bo', 'participant']]) {
+      pages.push(await openPage(`/m/${room}#token=${token(name, role)}`, server.url));
+    }
+    const [ana, bo] = pages;
+    await assertMediaFlowing(ana, 1, 'Ana');
+    await ana.click('#record');
+    for (const p of pages) await waitFor('the REC indicator', 10000, async () => p.locator('#rec').isVisible());
+    // The recorder is not a participant anyone sees.
+    assert.equal(await bo.locator('.tile.remote').count(), 1, 'Bo sees only Ana');
+    await new Promise((r) => setTimeout(r, 6000));
+    await ana.click('#record');
+    await waitFor('the recording to be ready', 30000, async () =>
+      /recording is ready/.test(await ana.locator('#banner').textContent()));
+    const [done] = await listed(1);
+    assert.ok(done.duration_ms >= 4000, `only ${done.duration_ms} ms recorded`);
+    const file = await fetch(server.url + done.download_url);
+    const path = join(dataDir, 'remote.webm');
+    writeFileSync(path, Buffer.from(await file.arrayBuffer()));
+    const streams = execFileSync('ffprobe', ['-v', 'error', '-show_entries', 'stream=codec_name',
+      '-of', 'csv=p=0', path]).toString().trim().split('\n').sort();
+    assert.deepEqual(streams, ['opus', 'vp8']);
+
+    // Again, and the recorder process dies: no trailer, no answer.
+    await ana.click('#record');
+    await waitFor('the REC indicator', 10000, async () => ana.locator('#rec').isVisible());
+    await new Promise((r) => setTimeout(r, 7000));
+    recorder.kill('SIGKILL');
+    await waitFor('the REC indicator gone', 15000, async () => ana.locator('#rec').isHidden());
+    await waitFor('the reason given', 5000, async () =>
+      /recorder was lost/.test(await ana.locator('#banner').textContent()));
+    recorder = await startRecorder(server.url, shared, join(dataDir, 'recorder'));
+    const list = await listed(2);
+    const recovered = list.find((r) => r.id !== done.id);
+    // Segments of 2 s: at most the last one is lost of about 7 s recorded.
+    assert.ok(recovered.duration_ms >= 4000, `only ${recovered.duration_ms} ms recovered`);
+    console.log(`a recorder process killed after 7 s: ${recovered.duration_ms} ms stored on restart`);
+  } finally {
+    for (const p of pages) await p.context().close();
+    recorder.kill('SIGKILL');
+    server.proc.kill('SIGTERM');
+  }
+});
+
 test('the call widget connects a one-to-one call and tells its host page', async () => {
   async function host(name) {
     const ctx = await browser.newContext();

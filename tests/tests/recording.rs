@@ -489,33 +489,62 @@ fn remote_recording(c: &mut confer_signaling::Config, store_dir: &Path) {
     c.recording.segment_seconds = 5;
 }
 
-/// A recorder process's work loop, in this test process, connected.
-async fn start_recorder(server: &TestServer, store_dir: &Path) -> tokio::task::JoinHandle<()> {
+/// A recorder process's work loop for `server`, storing into `store_dir`,
+/// with its spool in `spool` and segments of `segment_secs`; and the
+/// sender that shuts it down.
+fn recorder_worker(
+    server: &TestServer,
+    store_dir: &Path,
+    spool: &Path,
+    segment_secs: u64,
+) -> (
+    impl std::future::Future<Output = ()> + Send + 'static,
+    tokio::sync::watch::Sender<bool>,
+) {
     use confer_recorder::worker::{self, WorkerSettings};
     let settings = WorkerSettings {
         signaling: format!("http://{}", server.addr),
         secret: RECORDER_SECRET.into(),
         name: "test-recorder".into(),
-        capacity: 1,
+        capacity: 2,
         bind: "127.0.0.1".parse().unwrap(),
     };
     let recording = Settings {
-        segment: Duration::from_secs(5),
-        spool: tmp("recorder-spool"),
+        segment: Duration::from_secs(segment_secs),
+        spool: spool.to_owned(),
         ..Default::default()
     };
     let store: Arc<dyn Store> = Arc::new(LocalStore::new(store_dir.to_owned()));
     let (stop, stopping) = tokio::sync::watch::channel(false);
-    let recorder = tokio::spawn(async move {
-        worker::run(settings, store, recording, stopping).await;
-        drop(stop);
-    });
+    (worker::run(settings, store, recording, stopping), stop)
+}
+
+async fn recorder_connected(server: &TestServer) {
     let remote = server.state.recordings.remote.clone().unwrap();
     until("the recorder connected", Duration::from_secs(10), || {
         remote.count() == 1
     })
     .await;
+}
+
+/// A recorder in this test process, connected.
+async fn start_recorder(server: &TestServer, store_dir: &Path) -> tokio::task::JoinHandle<()> {
+    let (run, stop) = recorder_worker(server, store_dir, &tmp("recorder-spool"), 5);
+    let recorder = tokio::spawn(async move {
+        run.await;
+        drop(stop);
+    });
+    recorder_connected(server).await;
     recorder
+}
+
+/// Ann and Ben talking in a room of a server with remote recorders.
+async fn remote_meeting(store_dir: &Path) -> (TestServer, Client, Client) {
+    let server = TestServer::start_with(|c| remote_recording(c, store_dir))
+        .await
+        .unwrap();
+    let (a, b) = ann_and_ben_talking(&server).await;
+    (server, a, b)
 }
 
 async fn server_with_recorder(store_dir: &Path) -> (TestServer, tokio::task::JoinHandle<()>) {
@@ -534,10 +563,7 @@ async fn a_recorder_process_records_as_a_hidden_participant() {
     use confer_signaling::recordings::RecordingError;
     init_logging();
     let store_dir = tmp("shared-store");
-    let server = TestServer::start_with(|c| remote_recording(c, &store_dir))
-        .await
-        .unwrap();
-    let (a, b) = ann_and_ben_talking(&server).await;
+    let (server, a, b) = remote_meeting(&store_dir).await;
     let recordings = server.state.recordings.clone();
     let remote = recordings.remote.clone().unwrap();
     assert_eq!(
@@ -633,33 +659,11 @@ async fn a_recorder_process_records_as_a_hidden_participant() {
 /// stores the recording in progress before it exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recorder_process_that_dies_or_stops_loses_nothing_it_wrote() {
-    use confer_recorder::worker::{self, WorkerSettings};
     init_logging();
     let store_dir = tmp("shared-store");
-    let server = TestServer::start_with(|c| remote_recording(c, &store_dir))
-        .await
-        .unwrap();
-    let (_a, b) = ann_and_ben_talking(&server).await;
+    let (server, _a, b) = remote_meeting(&store_dir).await;
     let recordings = server.state.recordings.clone();
-    let remote = recordings.remote.clone().unwrap();
     let spool = tmp("recorder-spool");
-    let worker = |spool: &Path| {
-        let settings = WorkerSettings {
-            signaling: format!("http://{}", server.addr),
-            secret: RECORDER_SECRET.into(),
-            name: "mortal".into(),
-            capacity: 2,
-            bind: "127.0.0.1".parse().unwrap(),
-        };
-        let recording = Settings {
-            segment: Duration::from_secs(2),
-            spool: spool.to_owned(),
-            ..Default::default()
-        };
-        let store: Arc<dyn Store> = Arc::new(LocalStore::new(store_dir.clone()));
-        let (stop, stopping) = tokio::sync::watch::channel(false);
-        (worker::run(settings, store, recording, stopping), stop)
-    };
 
     // The first recorder runs on a runtime of its own, so that it can die
     // as a process does: every task and socket gone at once, files left.
@@ -668,12 +672,9 @@ async fn a_recorder_process_that_dies_or_stops_loses_nothing_it_wrote() {
         .enable_all()
         .build()
         .unwrap();
-    let (run, _stop) = worker(&spool);
+    let (run, _stop) = recorder_worker(&server, &store_dir, &spool, 2);
     process.spawn(run);
-    until("the recorder connected", Duration::from_secs(10), || {
-        remote.count() == 1
-    })
-    .await;
+    recorder_connected(&server).await;
     let first = recordings.start("recorded", "Dies", "user-ann").unwrap();
     tokio::time::sleep(Duration::from_secs(7)).await;
     process.shutdown_background();
@@ -684,7 +685,7 @@ async fn a_recorder_process_that_dies_or_stops_loses_nothing_it_wrote() {
     assert!(!recordings.is_recording("recorded"));
 
     // Restarted on the same spool: it stores the file and says so.
-    let (run, stop) = worker(&spool);
+    let (run, stop) = recorder_worker(&server, &store_dir, &spool, 2);
     let restarted = tokio::spawn(run);
     until("the recording available", Duration::from_secs(20), || {
         b.saw(|e| {
@@ -700,12 +701,7 @@ async fn a_recorder_process_that_dies_or_stops_loses_nothing_it_wrote() {
     decodes_cleanly(&file);
 
     // Shut down while recording: stored and announced before it exits.
-    until(
-        "the recorder connected again",
-        Duration::from_secs(10),
-        || remote.count() == 1,
-    )
-    .await;
+    recorder_connected(&server).await;
     let second = recordings.start("recorded", "Stops", "user-ann").unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
     stop.send(true).unwrap();
