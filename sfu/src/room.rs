@@ -795,6 +795,8 @@ impl Room {
                 let (lowered, raised) = bandwidth::change(d, layer);
                 (down, up) = (down || lowered, up || raised);
                 if (d.allowed == simulcast::OFF) != (layer == simulcast::OFF) {
+                    info!(participant = %p.id, track = %t.info.id, estimate = bps,
+                        paused = layer == simulcast::OFF, "video paused or resumed for the downlink");
                     p.send(PeerEvent::VideoPaused {
                         track_id: t.info.id.clone(),
                         paused: layer == simulcast::OFF,

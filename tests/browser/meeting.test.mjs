@@ -17,17 +17,34 @@ let server;
 let base;
 let browser;
 
+// The servers' latest log lines, for the message of a test that fails.
+const serverLog = [];
+function keepLog(proc, name) {
+  let partial = '';
+  proc.stdout.on('data', (d) => {
+    if (process.env.SHOW_CONFER_LOG) process.stderr.write(d);
+    const lines = (partial + d).split('\n');
+    partial = lines.pop();
+    // Without colours, and without the SRTP start-up noise.
+    for (const l of lines) {
+      const plain = l.replace(/\x1b\[[0-9;]*m/g, '');
+      if (!plain.includes('local_srtp_context')) serverLog.push(`${name}: ${plain}`);
+    }
+    serverLog.splice(0, Math.max(0, serverLog.length - 40));
+  });
+}
+
 async function startConfer(extraEnv = {}, dataDir = mkdtempSync(join(tmpdir(), 'confer-browser-'))) {
   assert.ok(BIN, 'set TEST_CONFER_BIN to the confer binary');
   const proc = spawn(BIN, ['serve', '--listen', '127.0.0.1:0', '--data-dir', dataDir], {
     env: { ...process.env, CONFER_SFU_UDP_PORT_MIN: '0', CONFER_SFU_UDP_PORT_MAX: '0', ...extraEnv },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
+  keepLog(proc, 'confer');
   const url = await new Promise((resolve, reject) => {
     let out = '';
     const timer = setTimeout(() => reject(new Error(`confer did not start: ${out}`)), 20000);
     proc.stdout.on('data', (d) => {
-      if (process.env.SHOW_CONFER_LOG) process.stderr.write(d);
       out += d;
       const m = out.match(/confer listening on (http:\/\/[^/\s]+)\//);
       if (m) { clearTimeout(timer); resolve(m[1]); }
@@ -97,7 +114,8 @@ async function waitFor(what, timeoutMs, fn) {
     if (last) return last;
     await new Promise((r) => setTimeout(r, 250));
   }
-  throw new Error(`timed out waiting for ${what} (last: ${JSON.stringify(last)})`);
+  throw new Error(`timed out waiting for ${what} (last: ${JSON.stringify(last)})\n`
+    + `servers' latest log lines:\n${serverLog.join('\n')}`);
 }
 
 // Every remote video decodes frames, and keeps decoding; audio packets keep coming.
@@ -217,6 +235,12 @@ test('each viewer gets the simulcast layer that fits its tile, also after renego
   const hidden2 = (await videoStats(ana)).packets;
   assert.ok(hidden2 - hidden1 < 10, `video kept coming to hidden tiles: ${hidden1} → ${hidden2}`);
   await showTiles(true);
+  // Back within seconds (a keyframe is asked for at once), then steady.
+  const shown = await remoteFrames(ana);
+  await waitFor('video back in the shown tiles', 10000, async () => {
+    const now = await remoteFrames(ana);
+    return now.length === 2 && now.every((n, i) => n > shown[i] + 5);
+  });
   await assertMediaFlowing(ana, 2, 'Ana, tiles shown again');
   for (const p of [ana, bo, cy]) await p.context().close();
 });
@@ -338,7 +362,7 @@ async function startRecorder(signalingUrl, env, dataDir) {
     env: { ...process.env, ...env, CONFER_RECORDER_SIGNALING_URL: signalingUrl },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
-  proc.stdout.on('data', (d) => { if (process.env.SHOW_CONFER_LOG) process.stderr.write(d); });
+  keepLog(proc, 'recorder');
   return proc;
 }
 
