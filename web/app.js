@@ -300,12 +300,28 @@ function closePeer() {
   for (const id of [...tiles.keys()]) if (id !== selfId) removeTile(id);
 }
 
+// Publish VP8 where the browser can: recordings keep the video as it was
+// sent, in WebM, which holds VP8 but not H.264. Safari offers H.264 first,
+// and the SFU answers in the offer's order.
+function preferVp8(transceiver) {
+  if (!transceiver.setCodecPreferences || !RTCRtpReceiver.getCapabilities) return;
+  const codecs = (RTCRtpReceiver.getCapabilities('video') || {}).codecs || [];
+  const isVp8 = (c) => c.mimeType.toLowerCase() === 'video/vp8';
+  if (!codecs.some(isVp8)) return;
+  try {
+    transceiver.setCodecPreferences([...codecs.filter(isVp8), ...codecs.filter((c) => !isVp8(c))]);
+  } catch (e) {
+    console.warn('confer: keeping the browser\'s codec order', e);
+  }
+}
+
 function newPeer(iceServers) {
   pc = new RTCPeerConnection({ iceServers, bundlePolicy: 'max-bundle' });
   for (const track of localStream.getTracks()) {
     const init = { direction: 'sendonly', streams: [localStream] };
     if (track.kind === 'video' && publishSimulcast) init.sendEncodings = cameraEncodings(track);
-    pc.addTransceiver(track, init);
+    const transceiver = pc.addTransceiver(track, init);
+    if (track.kind === 'video') preferVp8(transceiver);
   }
   // Watch-only (no devices): still make the first offer, which the server waits for.
   if (!localStream.getTracks().length) pc.addTransceiver('audio', { direction: 'recvonly' });

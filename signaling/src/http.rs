@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
             "/api/admin/rooms/{room}/participants/{participant}",
             delete(admin_remove_participant),
         )
+        .route("/api/admin/recorders", get(admin_recorders))
         .merge(web::routes())
         .with_state(state)
 }
@@ -444,6 +445,17 @@ async fn admin_rooms(State(state): State<AppState>, headers: HeaderMap) -> Respo
         return r;
     }
     Json(json!({ "rooms": state.sfu.rooms() })).into_response()
+}
+
+async fn admin_recorders(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(r) = check_admin(&state, &headers) {
+        return r;
+    }
+    let (mode, recorders) = match &state.recordings.remote {
+        Some(remote) => ("remote", remote.status()),
+        None => ("embedded", Vec::new()),
+    };
+    Json(json!({ "mode": mode, "recorders": recorders })).into_response()
 }
 
 async fn admin_room(

@@ -16,8 +16,9 @@
 //! [`serve`] runs everything on one listener; `confer serve` calls it.
 
 pub mod config;
-#[cfg(test)]
-mod doc_examples;
+/// For tests here and in `tests/`: the examples in `docs/`.
+#[doc(hidden)]
+pub mod doc_examples;
 pub mod http;
 pub mod meeting;
 pub mod protocol;

@@ -21,6 +21,15 @@ const STORE_WAIT: Duration = Duration::from_secs(120);
 
 type Answer = Result<Manifest, String>;
 
+/// A connected recorder as the admin API shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct RecorderStatus {
+    pub name: String,
+    pub capacity: usize,
+    /// Recordings it holds: in progress, or stopped and being stored.
+    pub recordings: Vec<String>,
+}
+
 struct Connected {
     name: String,
     capacity: usize,
@@ -49,6 +58,25 @@ impl Recorders {
     /// Recorders connected now.
     pub fn count(&self) -> usize {
         self.connected.lock().unwrap().len()
+    }
+
+    /// Each connected recorder and the recordings it holds, for the admin API.
+    pub fn status(&self) -> Vec<RecorderStatus> {
+        let connected = self.connected.lock().unwrap();
+        let mut all: Vec<_> = connected
+            .values()
+            .map(|c| {
+                let mut recordings: Vec<String> = c.holding.keys().cloned().collect();
+                recordings.sort();
+                RecorderStatus {
+                    name: c.name.clone(),
+                    capacity: c.capacity,
+                    recordings,
+                }
+            })
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
     }
 
     /// Serves one recorder's connection until it closes. Its recordings

@@ -432,6 +432,34 @@ test('a recorder process records the meeting; killed, its restart stores what it
   }
 });
 
+test('a browser that prefers H.264 (as Safari does) publishes VP8, which recordings keep', async () => {
+  const ctx = await browser.newContext();
+  // Make this Chromium order H.264 first for every video transceiver, as
+  // Safari does by default.
+  await ctx.addInitScript(() => {
+    const add = RTCPeerConnection.prototype.addTransceiver;
+    RTCPeerConnection.prototype.addTransceiver = function (...args) {
+      const t = add.apply(this, args);
+      const codecs = (RTCRtpReceiver.getCapabilities('video') || {}).codecs || [];
+      const h264 = (c) => c.mimeType.toLowerCase() === 'video/h264';
+      if (t.receiver.track.kind === 'video' && codecs.some(h264)) {
+        t.setCodecPreferences([...codecs.filter(h264), ...codecs.filter((c) => !h264(c))]);
+      }
+      return t;
+    };
+  });
+  const page = await ctx.newPage();
+  await page.goto(`${base}/call/codec-order?name=Sam`);
+  const sdp = await waitFor('the first offer', 15000, async () => page.evaluate(() =>
+    window.confer && window.confer.pc && window.confer.pc.localDescription
+      && window.confer.pc.localDescription.sdp));
+  const video = sdp.split('\r\n').find((l) => l.startsWith('m=video'));
+  const first = video.split(' ')[3];
+  const codec = sdp.split('\r\n').find((l) => l.startsWith(`a=rtpmap:${first} `));
+  assert.match(codec, /VP8\/90000/, `first video codec offered: ${codec}`);
+  await ctx.close();
+});
+
 test('the call widget connects a one-to-one call and tells its host page', async () => {
   async function host(name) {
     const ctx = await browser.newContext();

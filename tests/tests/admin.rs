@@ -45,22 +45,8 @@ async fn expect_error(r: reqwest::Response, status: u16, code: &str) {
 }
 
 fn documented_room() -> Value {
-    let doc = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/http-api.md"),
-    )
-    .unwrap();
-    let after = doc
-        .split_once("<!-- example: admin-room -->")
-        .expect("the admin-room example")
-        .1;
-    let body = after
-        .split_once("```json\n")
-        .unwrap()
-        .1
-        .split_once("```")
-        .unwrap()
-        .0;
-    serde_json::from_str(body).unwrap()
+    let example = confer_signaling::doc_examples::marked("http-api.md", "admin-room");
+    serde_json::from_str(&example).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -487,7 +487,10 @@ fn remote_recording(c: &mut confer_signaling::Config, store_dir: &Path) {
     c.recording.recorder_secret = Some(RECORDER_SECRET.into());
     c.recording.local_dir = Some(store_dir.to_owned());
     c.recording.segment_seconds = 5;
+    c.auth.admin_secret = Some(ADMIN_SECRET.into());
 }
+
+const ADMIN_SECRET: &str = "an admin secret, 32 characters..";
 
 /// A recorder process's work loop for `server`, storing into `store_dir`,
 /// with its spool in `spool` and segments of `segment_secs`; and the
@@ -587,6 +590,30 @@ async fn a_recorder_process_records_as_a_hidden_participant() {
     assert_eq!(remote.count(), 1);
     let started = Instant::now();
     let id = recordings.start("recorded", "Remote", "user-ann").unwrap();
+    // The admin API shows the recorder and what it holds, as documented.
+    let admin: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{}/api/admin/recorders", server.addr))
+        .bearer_auth(ADMIN_SECRET)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&confer_signaling::doc_examples::marked(
+        "http-api.md",
+        "admin-recorders",
+    ))
+    .unwrap();
+    let keys = |v: &serde_json::Value| -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&admin), keys(&doc));
+    assert_eq!(keys(&admin["recorders"][0]), keys(&doc["recorders"][0]));
+    assert_eq!(admin["mode"], "remote");
+    assert_eq!(admin["recorders"][0]["recordings"], serde_json::json!([id]));
     until("the recorder in the room", Duration::from_secs(10), || {
         server
             .state
