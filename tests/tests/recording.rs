@@ -541,6 +541,23 @@ async fn start_recorder(server: &TestServer, store_dir: &Path) -> tokio::task::J
     recorder
 }
 
+/// Recording `id` of room `recorded`, once `told` has heard it is available.
+async fn stored(
+    told: &Client,
+    recordings: &confer_signaling::recordings::Recordings,
+    id: &str,
+    within: Duration,
+) -> confer_recorder::Manifest {
+    until(&format!("recording {id} available"), within, || {
+        told.saw(|e| {
+            e["type"] == "recording" && e["state"] == "available" && e["recording_id"] == id
+        })
+    })
+    .await;
+    let list = recordings.list("recorded").await.unwrap();
+    list.into_iter().find(|m| m.id == id).expect("listed")
+}
+
 /// Ann and Ben talking in a room of a server with remote recorders.
 async fn remote_meeting(store_dir: &Path) -> (TestServer, Client, Client) {
     let server = TestServer::start_with(|c| remote_recording(c, store_dir))
@@ -714,14 +731,7 @@ async fn a_recorder_process_that_dies_or_stops_loses_nothing_it_wrote() {
     // Restarted on the same spool: it stores the file and says so.
     let (run, stop) = recorder_worker(&server, &store_dir, &spool, 2);
     let restarted = tokio::spawn(run);
-    until("the recording available", Duration::from_secs(20), || {
-        b.saw(|e| {
-            e["type"] == "recording" && e["state"] == "available" && e["recording_id"] == first
-        })
-    })
-    .await;
-    let list = recordings.list("recorded").await.unwrap();
-    let m = list.iter().find(|m| m.id == first).expect("listed");
+    let m = stored(&b, &recordings, &first, Duration::from_secs(20)).await;
     // At least everything up to the last completed 2 s segment.
     assert!(m.duration_ms >= 4000, "{m:?}");
     let file = store_dir.join(store::key("recorded", &first, store::MEDIA));
@@ -736,17 +746,6 @@ async fn a_recorder_process_that_dies_or_stops_loses_nothing_it_wrote() {
         .await
         .expect("the recorder exits once it has stored")
         .unwrap();
-    until(
-        "the second recording available",
-        Duration::from_secs(10),
-        || {
-            b.saw(|e| {
-                e["type"] == "recording" && e["state"] == "available" && e["recording_id"] == second
-            })
-        },
-    )
-    .await;
-    let list = recordings.list("recorded").await.unwrap();
-    let m = list.iter().find(|m| m.id == second).expect("listed");
+    let m = stored(&b, &recordings, &second, Duration::from_secs(10)).await;
     assert!(m.duration_ms >= 3000, "{m:?}");
 }
