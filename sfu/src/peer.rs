@@ -117,6 +117,9 @@ pub struct Participant {
     port: u16,
     sfu: Weak<Sfu>,
     closed: AtomicBool,
+    /// Its room is closing: it leaves with everyone else, so nothing is
+    /// renegotiated with it on the way out.
+    pub(crate) leaving: AtomicBool,
     /// Last connection state, as `RTCPeerConnectionState as u8`.
     state: AtomicU8,
     /// Its downlink as estimated from its congestion feedback.
@@ -309,6 +312,7 @@ pub(crate) async fn connect(
         port,
         sfu: Arc::downgrade(sfu),
         closed: AtomicBool::new(false),
+        leaving: AtomicBool::new(false),
         state: AtomicU8::new(RTCPeerConnectionState::New as u8),
         estimate,
         backoff: Mutex::new(Backoff::default()),
@@ -602,6 +606,12 @@ impl Participant {
 
     /// Stops sending a track (its publisher left or stopped it).
     pub(crate) async fn unsubscribe(&self, track: &Published) {
+        if self.leaving.load(Ordering::Acquire) || self.closed.load(Ordering::Acquire) {
+            // Going too: stop forwarding, without waiting on a negotiation
+            // that may be in flight.
+            track.remove_receiver(&self.id);
+            return;
+        }
         let mut n = self.negotiation.lock().await;
         let Some(i) = n
             .receivers

@@ -266,6 +266,9 @@ impl Sfu {
             inner.closed = true;
             inner.participants.clone()
         };
+        for p in &members {
+            p.leaving.store(true, std::sync::atomic::Ordering::Release);
+        }
         for p in members {
             room.leave(&p.id, reason).await;
         }
