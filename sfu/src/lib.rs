@@ -33,8 +33,8 @@ pub use config::{IceServer, SfuConfig};
 pub use error::SfuError;
 pub use peer::Participant;
 pub use room::{
-    Joined, Lifecycle, ParticipantInfo, ParticipantSummary, PeerEvent, Role, Room, RoomEvent,
-    RoomSummary, Sfu,
+    Joined, Lifecycle, ParticipantInfo, ParticipantSummary, PeerEvent, RecordingState, Role, Room,
+    RoomEvent, RoomSummary, Sfu,
 };
 pub use track::{TrackInfo, TrackKind};
 /// The candidate type clients send, re-exported so signaling need not depend on webrtc.

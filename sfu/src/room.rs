@@ -43,7 +43,7 @@ pub struct ParticipantInfo {
 }
 
 /// A participant as others see it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ParticipantSummary {
     pub id: String,
     pub user_id: String,
@@ -55,7 +55,7 @@ pub struct ParticipantSummary {
 }
 
 /// A room as the admin API shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RoomSummary {
     pub id: String,
     pub created_at: u64,
@@ -63,7 +63,7 @@ pub struct RoomSummary {
 }
 
 /// A participant as the admin API shows it: who it is, and what reaches it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ParticipantStatus {
     #[serde(flatten)]
     pub summary: ParticipantSummary,
@@ -72,7 +72,7 @@ pub struct ParticipantStatus {
 
 /// What the SFU sends a participant, so that an operator can tell why
 /// someone's video looks small or has stopped.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Downlink {
     /// Its estimated downlink in bit/s; `None` while no limit is known
     /// (no congestion feedback, or its queue was never seen to grow).
@@ -110,18 +110,29 @@ pub enum RoomEvent {
         closes_at: u64,
         reason: String,
     },
-    /// A recording of the room `started`, `stopped`, became `available`, or `failed`.
     Recording {
-        state: &'static str,
+        state: RecordingState,
         recording_id: String,
         /// Why it stopped, when not by a moderator.
         reason: Option<String>,
     },
 }
 
+/// What became of a room's recording.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordingState {
+    Started,
+    Stopped,
+    /// Stored: listed and downloadable.
+    Available,
+    Failed,
+}
+
 /// Room lifecycle, for whoever keeps history (signaling's webhooks).
 /// Sent in the order things happened.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Lifecycle {
     RoomOpened {
         room: String,
@@ -565,14 +576,18 @@ impl Room {
     /// `stopped` also set what joiners are told ([`Room::recording`]).
     pub fn announce_recording(
         &self,
-        state: &'static str,
+        state: RecordingState,
         recording_id: &str,
         reason: Option<&str>,
     ) {
         match state {
-            "started" => *self.recording.lock().unwrap() = Some(recording_id.to_owned()),
-            "stopped" | "failed" => *self.recording.lock().unwrap() = None,
-            _ => {}
+            RecordingState::Started => {
+                *self.recording.lock().unwrap() = Some(recording_id.to_owned())
+            }
+            RecordingState::Stopped | RecordingState::Failed => {
+                *self.recording.lock().unwrap() = None
+            }
+            RecordingState::Available => {}
         }
         self.broadcast(RoomEvent::Recording {
             state,

@@ -55,7 +55,7 @@ impl From<RtpCodecKind> for TrackKind {
 }
 
 /// What clients are told about a published track.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct TrackInfo {
     /// Unique in the room; also the track id the receivers see.
     pub id: String,
@@ -115,7 +115,7 @@ pub struct Receiver {
 const NO_LAYER: u8 = u8::MAX;
 
 /// One track as one receiver gets it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Reception {
     pub track_id: String,
     /// The layer it is sent (0: the smallest; audio and single-layer video:

@@ -24,6 +24,32 @@ pub struct Config {
     pub recording: RecordingConfig,
     /// For `confer recorder` only.
     pub recorder: RecorderConfig,
+    /// For split deployments (`confer signaling` and `confer sfu`).
+    pub split: SplitConfig,
+}
+
+/// A split deployment: `confer signaling` drives the rooms on one or more
+/// `confer sfu` nodes (`docs/sfu-nodes.md`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SplitConfig {
+    /// `confer signaling`: the SFU nodes' base URLs (their `listen`
+    /// address), e.g. `["http://10.0.0.7:8081"]`.
+    pub sfu_nodes: Vec<String>,
+    /// Shared by signaling and every SFU node, at least 32 characters.
+    pub secret: Option<String>,
+}
+
+impl SplitConfig {
+    fn validate_secret(&self) -> Result<(), ConfigError> {
+        match &self.secret {
+            None => Err(invalid("split.secret", "must be set")),
+            Some(s) if s.len() < 32 => {
+                Err(invalid("split.secret", "must be at least 32 characters"))
+            }
+            Some(_) => Ok(()),
+        }
+    }
 }
 
 /// Recordings (`docs/recording.md`).
@@ -315,6 +341,7 @@ impl Default for Config {
             webhooks: WebhookConfig::default(),
             recording: RecordingConfig::default(),
             recorder: RecorderConfig::default(),
+            split: SplitConfig::default(),
         }
     }
 }
@@ -351,6 +378,7 @@ const SECTIONS: &[&str] = &[
     "recording.s3",
     "recording",
     "recorder",
+    "split",
     "auth",
     "sfu",
 ];
@@ -374,6 +402,29 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let cfg = Self::read(path, env)?;
         cfg.validate_recorder()?;
+        Ok(cfg)
+    }
+
+    /// As [`Config::load`], validated for `confer signaling`.
+    pub fn load_signaling(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let cfg = Self::read(path, env)?;
+        cfg.validate()?;
+        cfg.validate_signaling()?;
+        Ok(cfg)
+    }
+
+    /// As [`Config::load`], validated for `confer sfu`: `listen`, `[sfu]`
+    /// and `split.secret`; nothing else is its business.
+    pub fn load_sfu_node(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let cfg = Self::read(path, env)?;
+        cfg.sfu.validate().map_err(|e| invalid(e.key, e.message))?;
+        cfg.split.validate_secret()?;
         Ok(cfg)
     }
 
@@ -469,6 +520,31 @@ impl Config {
                     "must be set, at least 16 characters, when webhooks.url is",
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_signaling(&self) -> Result<(), ConfigError> {
+        if self.split.sfu_nodes.is_empty() {
+            return Err(invalid(
+                "split.sfu_nodes",
+                "must list at least one SFU node URL (where `confer sfu` listens)",
+            ));
+        }
+        for (i, u) in self.split.sfu_nodes.iter().enumerate() {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(invalid(
+                    &format!("split.sfu_nodes[{i}]"),
+                    "must start with http:// or https://",
+                ));
+            }
+        }
+        self.split.validate_secret()?;
+        if self.recording.enabled && self.recording.recorders == RecorderMode::Embedded {
+            return Err(invalid(
+                "recording.recorders",
+                "must be \"remote\" with `confer signaling` (an embedded recorder needs the SFU in its process), or set recording.enabled = false",
+            ));
         }
         Ok(())
     }
@@ -645,27 +721,33 @@ mod tests {
         let vars_of = |manifest: &str| -> Vec<(String, String)> {
             let manifest = std::fs::read_to_string(deploy.join(manifest)).unwrap();
             let dockerfile = std::fs::read_to_string(deploy.join("Dockerfile")).unwrap();
-            let mut vars: Vec<(String, String)> = manifest
+            // The image's variables first: a manifest's override them.
+            let image_env = dockerfile
+                .lines()
+                .find_map(|l| l.strip_prefix("ENV "))
+                .unwrap();
+            let mut vars: Vec<(String, String)> = image_env
+                .split_whitespace()
+                .map(|pair| {
+                    let (name, value) = pair.split_once('=').unwrap();
+                    (name.to_owned(), value.to_owned())
+                })
+                .collect();
+            let set: Vec<(String, String)> = manifest
                 .lines()
                 .filter_map(|l| l.trim().strip_prefix("- name: CONFER_"))
                 .map(|name| {
                     let value = match name {
                         "SFU_ICE_IP" | "RECORDER_BIND_IP" => "10.0.0.5",
+                        "LISTEN" => "0.0.0.0:8081",
                         "RECORDER_SIGNALING_URL" => "http://confer",
                         _ => "a-secret-from-kubernetes-0123456789abcdef",
                     };
                     (format!("CONFER_{name}"), value.to_owned())
                 })
                 .collect();
-            assert!(vars.len() >= 5, "{vars:?}");
-            let image_env = dockerfile
-                .lines()
-                .find_map(|l| l.strip_prefix("ENV "))
-                .unwrap();
-            for pair in image_env.split_whitespace() {
-                let (name, value) = pair.split_once('=').unwrap();
-                vars.push((name.to_owned(), value.to_owned()));
-            }
+            assert!(set.len() >= 3, "{set:?}");
+            vars.extend(set);
             vars
         };
         let config = deploy.join("kubernetes/confer.toml");
@@ -679,6 +761,31 @@ mod tests {
         vars.push(("CONFER_RECORDING_RECORDERS".into(), "remote".into()));
         let cfg = Config::load_recorder(Some(&config), vars).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(cfg.recorder.bind_ip.to_string(), "10.0.0.5");
+        // The SFU node pods, and signaling driving them, as sfu.yaml says.
+        let cfg = Config::load_sfu_node(Some(&config), vars_of("kubernetes/sfu.yaml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.listen.to_string(), "0.0.0.0:8081");
+        let header = std::fs::read_to_string(deploy.join("kubernetes/sfu.yaml")).unwrap();
+        let nodes = header
+            .lines()
+            .find_map(|l| l.strip_prefix("#   CONFER_SPLIT_SFU_NODES="))
+            .unwrap()
+            .trim_matches('\'');
+        let mut vars = vars_of("kubernetes/deployment.yaml");
+        vars.extend([
+            ("CONFER_SPLIT_SFU_NODES".into(), nodes.into()),
+            (
+                "CONFER_SPLIT_SECRET".into(),
+                "a-secret-from-kubernetes-0123456789abcdef".into(),
+            ),
+            ("CONFER_RECORDING_RECORDERS".into(), "remote".into()),
+            (
+                "CONFER_RECORDING_RECORDER_SECRET".into(),
+                "a-secret-from-kubernetes-0123456789abcdef".into(),
+            ),
+        ]);
+        let cfg = Config::load_signaling(Some(&config), vars).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.split.sfu_nodes.len(), 2);
     }
 
     #[test]
@@ -723,6 +830,50 @@ mod tests {
             .starts_with("schedule.caldav.calendars:")
         );
         assert!(err(&[("CONFER_WEBHOOKS_URL", "http://h/x")]).starts_with("webhooks.secret:"));
+    }
+
+    #[test]
+    fn split_roles_check_their_own_keys() {
+        const SECRET: &str = "a-split-secret-of-thirty-two-chars-or-more";
+        let signaling = |pairs: &[(&str, &str)]| {
+            Config::load_signaling(None, env(pairs)).map_err(|e| e.to_string())
+        };
+        let node = |pairs: &[(&str, &str)]| {
+            Config::load_sfu_node(None, env(pairs)).map_err(|e| e.to_string())
+        };
+        let nodes = ("CONFER_SPLIT_SFU_NODES", "[\"http://10.0.0.7:8081\"]");
+        let secret = ("CONFER_SPLIT_SECRET", SECRET);
+        let remote = ("CONFER_RECORDING_RECORDERS", "remote");
+        let recorder_secret = ("CONFER_RECORDING_RECORDER_SECRET", SECRET);
+        assert!(
+            signaling(&[secret])
+                .unwrap_err()
+                .starts_with("split.sfu_nodes:")
+        );
+        assert!(
+            signaling(&[nodes])
+                .unwrap_err()
+                .starts_with("split.secret:")
+        );
+        let err = signaling(&[nodes, secret]).unwrap_err();
+        assert!(err.starts_with("recording.recorders:"), "{err}");
+        let cfg = signaling(&[nodes, secret, remote, recorder_secret]).unwrap();
+        assert_eq!(cfg.split.sfu_nodes, ["http://10.0.0.7:8081"]);
+        let off = ("CONFER_RECORDING_ENABLED", "false");
+        assert!(signaling(&[nodes, secret, off]).is_ok());
+        let bad = ("CONFER_SPLIT_SFU_NODES", "[\"10.0.0.7:8081\"]");
+        let err = signaling(&[bad, secret, off]).unwrap_err();
+        assert!(err.starts_with("split.sfu_nodes[0]:"), "{err}");
+        // A node needs the secret, and ignores the server's keys.
+        assert!(node(&[]).unwrap_err().starts_with("split.secret:"));
+        assert!(
+            node(&[("CONFER_SPLIT_SECRET", "short")])
+                .unwrap_err()
+                .starts_with("split.secret:")
+        );
+        assert!(node(&[secret, ("CONFER_WEBHOOKS_URL", "http://h/x")]).is_ok());
+        let err = node(&[secret, ("CONFER_SFU_ICE_IP", "0.0.0.0")]).unwrap_err();
+        assert!(err.starts_with("sfu.ice_ip:"), "{err}");
     }
 
     #[test]

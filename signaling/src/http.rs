@@ -1,6 +1,7 @@
 //! HTTP routes: health, readiness, client config, demo login, admin API, and
 //! the WebSocket upgrade. Documented in `docs/http-api.md`.
 
+use crate::media::{Media, RoomError};
 use crate::schedule::Meeting;
 use crate::schedule::local::LocalMeeting;
 use crate::token::{Claims, JoinKind, now_secs, valid_room_id};
@@ -48,6 +49,7 @@ pub fn router(state: AppState) -> Router {
             delete(admin_remove_participant),
         )
         .route("/api/admin/recorders", get(admin_recorders))
+        .route("/api/admin/sfu-nodes", get(admin_sfu_nodes))
         .merge(web::routes())
         .with_state(state)
 }
@@ -85,7 +87,14 @@ async fn recorders(
 async fn readyz(State(state): State<AppState>) -> Response {
     // Ready once the SFU exists and the config is loaded: nothing else
     // (no database, no home server) must be up for meetings to work.
-    let rooms = state.sfu.rooms().len();
+    let rooms = state.media.room_count();
+    if let Media::Remote(nodes) = &state.media
+        && !nodes.any_up()
+    {
+        // Split deployments: no node, no meetings.
+        let body = json!({ "status": "no SFU node reachable", "rooms": rooms });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     Json(json!({ "status": "ready", "rooms": rooms })).into_response()
 }
 
@@ -444,7 +453,10 @@ async fn admin_rooms(State(state): State<AppState>, headers: HeaderMap) -> Respo
     if let Some(r) = check_admin(&state, &headers) {
         return r;
     }
-    Json(json!({ "rooms": state.sfu.rooms() })).into_response()
+    match state.media.rooms().await {
+        Ok(rooms) => Json(json!({ "rooms": rooms })).into_response(),
+        Err(e) => room_error(e),
+    }
 }
 
 async fn admin_recorders(State(state): State<AppState>, headers: HeaderMap) -> Response {
@@ -458,6 +470,17 @@ async fn admin_recorders(State(state): State<AppState>, headers: HeaderMap) -> R
     Json(json!({ "mode": mode, "recorders": recorders })).into_response()
 }
 
+async fn admin_sfu_nodes(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(r) = check_admin(&state, &headers) {
+        return r;
+    }
+    let (mode, nodes) = match &state.media {
+        Media::Local(_) => ("embedded", Vec::new()),
+        Media::Remote(nodes) => ("split", nodes.status()),
+    };
+    Json(json!({ "mode": mode, "nodes": nodes })).into_response()
+}
+
 async fn admin_room(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -466,13 +489,9 @@ async fn admin_room(
     if let Some(r) = check_admin(&state, &headers) {
         return r;
     }
-    match state.sfu.room(&room) {
-        Some(r) => Json(r.summary()).into_response(),
-        None => api_error(
-            StatusCode::NOT_FOUND,
-            "no_such_room",
-            format!("no room {room:?}"),
-        ),
+    match state.media.room(&room).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => room_error(e),
     }
 }
 
@@ -484,19 +503,24 @@ async fn admin_close_room(
     if let Some(r) = check_admin(&state, &headers) {
         return r;
     }
-    if state
-        .sfu
+    match state
+        .media
         .close_room(&room, "room closed by an administrator")
         .await
     {
-        StatusCode::NO_CONTENT.into_response()
-    } else {
-        api_error(
-            StatusCode::NOT_FOUND,
-            "no_such_room",
-            format!("no room {room:?}"),
-        )
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => room_error(e),
     }
+}
+
+/// An admin request on a room that failed, as an HTTP answer.
+fn room_error(e: RoomError) -> Response {
+    let (status, code) = match e {
+        RoomError::NoRoom(_) => (StatusCode::NOT_FOUND, "no_such_room"),
+        RoomError::NoParticipant(_) => (StatusCode::NOT_FOUND, "no_such_participant"),
+        RoomError::Unreachable(_) => (StatusCode::BAD_GATEWAY, "sfu_unreachable"),
+    };
+    api_error(status, code, e.to_string())
 }
 
 async fn admin_remove_participant(
@@ -507,20 +531,12 @@ async fn admin_remove_participant(
     if let Some(r) = check_admin(&state, &headers) {
         return r;
     }
-    let Some(r) = state.sfu.room(&room) else {
-        return api_error(
-            StatusCode::NOT_FOUND,
-            "no_such_room",
-            format!("no room {room:?}"),
-        );
-    };
-    if r.participant(&participant).is_none() {
-        return api_error(
-            StatusCode::NOT_FOUND,
-            "no_such_participant",
-            format!("no participant {participant:?} in {room:?}"),
-        );
+    match state
+        .media
+        .remove(&room, &participant, "removed by an administrator")
+        .await
+    {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => room_error(e),
     }
-    r.leave(&participant, "removed by an administrator").await;
-    StatusCode::NO_CONTENT.into_response()
 }

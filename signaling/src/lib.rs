@@ -4,6 +4,8 @@
 //! - [`token`]: join tokens (JWT) and demo-mode minting.
 //! - [`protocol`]: the WebSocket messages (`docs/signaling.md`).
 //! - [`session`]: one client's WebSocket, relayed to and from the SFU.
+//! - [`media`]: where rooms live: this process's SFU, or SFU nodes
+//!   elsewhere ([`nodes`] reaches them; [`sfu_node`] is what they run).
 //! - [`schedule`]: is this meeting on now, and is this person invited
 //!   (local file, CalDAV or HTTP home server, behind a cache).
 //! - [`meeting`]: closing rooms at the end of their scheduled time, and
@@ -20,18 +22,22 @@ pub mod config;
 #[doc(hidden)]
 pub mod doc_examples;
 pub mod http;
+pub mod media;
 pub mod meeting;
+pub mod nodes;
 pub mod protocol;
 pub mod recorders;
 pub mod recordings;
 pub mod schedule;
 pub mod session;
+pub mod sfu_node;
 pub mod token;
 pub mod web;
 pub mod webhook;
 
 use confer_sfu::Sfu;
 use config::SourceKind;
+use media::Media;
 use schedule::local::LocalSource;
 use schedule::{Policy, Rules, Schedule};
 use std::sync::Arc;
@@ -44,7 +50,8 @@ pub use config::Config;
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
-    pub sfu: Arc<Sfu>,
+    /// Where the rooms are.
+    pub media: Media,
     pub tokens: Arc<token::Tokens>,
     /// `None` when `schedule.source = "none"`: tokens alone admit.
     pub schedule: Option<Arc<Schedule>>,
@@ -55,8 +62,15 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Builds the services from a validated config.
+    /// Builds the services from a validated config, with the rooms in this
+    /// process (`confer serve`).
     pub fn new(config: Config) -> Result<AppState, String> {
+        let sfu = Sfu::new(config.sfu.clone());
+        AppState::with_media(config, Media::Local(sfu))
+    }
+
+    /// As [`AppState::new`], with the rooms on `media`.
+    pub fn with_media(config: Config, media: Media) -> Result<AppState, String> {
         let tokens = if config.demo_mode() {
             token::Tokens::demo()
         } else {
@@ -91,17 +105,16 @@ impl AppState {
                 config.webhooks.give_up_after,
             )
         });
-        let sfu = Sfu::new(config.sfu.clone());
         let recordings =
-            recordings::Recordings::new(&config, sfu.clone(), webhooks.clone(), tokens.clone());
+            recordings::Recordings::new(&config, media.clone(), webhooks.clone(), tokens.clone());
         let meetings = meeting::Meetings::new(
-            &sfu,
+            media.clone(),
             schedule.clone(),
             webhooks,
             config.schedule.warn_before_close,
         );
         Ok(AppState {
-            sfu,
+            media,
             config: Arc::new(config),
             tokens,
             schedule,
@@ -177,7 +190,7 @@ pub async fn serve(
         state
             .meetings
             .clone()
-            .follow(state.sfu.observe(), state.recordings.clone()),
+            .follow(state.media.observe(), state.recordings.clone()),
     );
     tokio::spawn(
         state

@@ -31,9 +31,11 @@ struct Common {
 enum Command {
     /// Run every service in this process (the default install).
     Serve(Common),
-    /// Run only the media plane (split deployments; not available yet).
+    /// Run an SFU node of a split deployment: rooms and media, driven by
+    /// `confer signaling` (see docs/sfu-nodes.md).
     Sfu(Common),
-    /// Run only signaling (split deployments; not available yet).
+    /// Run signaling, the web client and the APIs, with the rooms on the
+    /// SFU nodes listed in `split.sfu_nodes`.
     Signaling(Common),
     /// Record meetings for a signaling server elsewhere
     /// (`recording.recorders = "remote"` there; see docs/recording.md).
@@ -74,7 +76,32 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(c) => serve(load(&c)?).await,
+        Command::Serve(c) => {
+            let cfg = load(&c)?;
+            let state = AppState::new(cfg.clone()).map_err(anyhow::Error::msg)?;
+            serve(cfg, state).await
+        }
+        Command::Signaling(c) => {
+            let cfg = finish(
+                &c,
+                Config::load_signaling(c.config.as_deref(), std::env::vars())?,
+            )?;
+            let split = &cfg.split;
+            let nodes = confer_signaling::nodes::Nodes::connect(
+                split.sfu_nodes.clone(),
+                split.secret.clone().unwrap_or_default(),
+            );
+            let media = confer_signaling::media::Media::Remote(nodes);
+            let state = AppState::with_media(cfg.clone(), media).map_err(anyhow::Error::msg)?;
+            serve(cfg, state).await
+        }
+        Command::Sfu(c) => {
+            sfu_node(finish(
+                &c,
+                Config::load_sfu_node(c.config.as_deref(), std::env::vars())?,
+            )?)
+            .await
+        }
         Command::Recorder(c) => recorder(load_recorder(&c)?).await,
         Command::CheckConfig(c) => {
             let cfg = load(&c)?;
@@ -86,18 +113,14 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Sfu(_) | Command::Signaling(_) => anyhow::bail!(
-            "split deployments (separate sfu and signaling processes) are not implemented yet; run `confer serve`"
-        ),
     }
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
+async fn serve(cfg: Config, state: AppState) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("data_dir: cannot create {}", cfg.data_dir.display()))?;
     let listen = cfg.listen;
     let demo = cfg.demo_mode();
-    let state = AppState::new(cfg).map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listen: cannot bind {listen}"))?;
@@ -120,6 +143,27 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 ),
             }
         }
+    }
+    Ok(())
+}
+
+async fn sfu_node(cfg: Config) -> anyhow::Result<()> {
+    let listen = cfg.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listen: cannot bind {listen}"))?;
+    let addr = listener.local_addr()?;
+    let sfu = confer_sfu::Sfu::new(cfg.sfu.clone());
+    let secret = cfg.split.secret.clone().unwrap_or_default();
+    tracing::info!(%addr, ice_ip = %cfg.sfu.ice_ip, "SFU node serving signaling on http://{addr}/");
+    println!("confer sfu listening on http://{addr}/");
+    let app = confer_signaling::sfu_node::router(sfu.clone(), &secret);
+    tokio::select! {
+        served = axum::serve(listener, app) => served?,
+        // Exiting drops every session socket: signaling closes those
+        // participants' WebSockets, and their clients reconnect into rooms
+        // opened again on the other nodes.
+        () = stop_requested() => tracing::info!(rooms = sfu.rooms().len(), "shutting down"),
     }
     Ok(())
 }

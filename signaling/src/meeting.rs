@@ -2,10 +2,11 @@
 //! first, and a last look at the home server in case the meeting was
 //! extended), and the room lifecycle turned into webhooks.
 
+use crate::media::{Announcement, Media};
 use crate::schedule::{Admission, Schedule};
 use crate::webhook::Webhooks;
 use chrono::{DateTime, SecondsFormat, Utc};
-use confer_sfu::{Lifecycle, Sfu};
+use confer_sfu::Lifecycle;
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -18,7 +19,7 @@ pub const ENDED_BY_SCHEDULE: &str = "meeting_ended";
 pub const ENDED_BY_MODERATOR: &str = "ended_by_moderator";
 
 pub struct Meetings {
-    sfu: Weak<Sfu>,
+    media: Media,
     schedule: Option<Arc<Schedule>>,
     webhooks: Option<Arc<Webhooks>>,
     warn_before: Duration,
@@ -35,13 +36,13 @@ struct Tracked {
 
 impl Meetings {
     pub fn new(
-        sfu: &Arc<Sfu>,
+        media: Media,
         schedule: Option<Arc<Schedule>>,
         webhooks: Option<Arc<Webhooks>>,
         warn_before: Duration,
     ) -> Arc<Meetings> {
         Arc::new(Meetings {
-            sfu: Arc::downgrade(sfu),
+            media,
             schedule,
             webhooks,
             warn_before,
@@ -184,16 +185,17 @@ async fn close_when_due(meetings: Weak<Meetings>, room: String, mut closes_at: D
                 }
             }
         }
-        let Some(sfu) = m.sfu.upgrade() else { return };
+        let media = m.media.clone();
         drop(m);
-        if let Some(r) = sfu.room(&room) {
-            r.announce_closing(
-                closes_at.timestamp().max(0) as u64,
-                "the meeting's scheduled time is over",
-            );
-        }
+        media.announce(
+            &room,
+            Announcement::Closing {
+                closes_at: closes_at.timestamp().max(0) as u64,
+                reason: "the meeting's scheduled time is over".into(),
+            },
+        );
         sleep_until(closes_at).await;
-        if sfu.close_room(&room, ENDED_BY_SCHEDULE).await {
+        if media.close_room(&room, ENDED_BY_SCHEDULE).await.is_ok() {
             info!(room, "meeting closed at the end of its scheduled time");
         }
         if let Some(m) = meetings.upgrade() {

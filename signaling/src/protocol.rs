@@ -2,7 +2,9 @@
 //! Every message is a JSON object with a `type` field.
 
 use confer_sfu::simulcast::Quality;
-use confer_sfu::{IceServer, ParticipantSummary, RTCIceCandidateInit, Role, TrackInfo, TrackKind};
+use confer_sfu::{
+    IceServer, ParticipantSummary, RTCIceCandidateInit, RecordingState, Role, TrackInfo, TrackKind,
+};
 use serde::{Deserialize, Serialize};
 
 /// Largest message a client may send; larger ones get `message_too_large`.
@@ -73,7 +75,7 @@ pub const CLIENT_TYPES: &[&str] = &[
     "stop_recording",
 ];
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
     Joined {
@@ -134,7 +136,7 @@ pub enum ServerMessage {
     /// A recording of the room `started`, `stopped`, became `available`
     /// (listed and downloadable), or `failed`.
     Recording {
-        state: String,
+        state: RecordingState,
         recording_id: String,
         /// Why a recording `stopped`, when a moderator did not stop it.
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -145,7 +147,7 @@ pub enum ServerMessage {
     VideoPaused {
         track_id: String,
         paused: bool,
-        reason: &'static str,
+        reason: String,
     },
     /// The room closes at `closes_at` (RFC 3339).
     MeetingEnding {
@@ -190,6 +192,8 @@ pub enum ErrorCode {
     NotInvited,
     HomeServerUnreachable,
     HomeServerError,
+    /// `confer signaling` cannot reach an SFU node for the room.
+    SfuUnavailable,
     Internal,
 }
 
@@ -208,7 +212,7 @@ impl ErrorCode {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MeetingInfo {
     pub title: String,
     /// RFC 3339, UTC.
@@ -302,7 +306,7 @@ mod tests {
         let paused = serde_json::to_value(ServerMessage::VideoPaused {
             track_id: "p7d1k2x9q0-5266e793".into(),
             paused: true,
-            reason: "bandwidth",
+            reason: "bandwidth".into(),
         })
         .unwrap();
         assert!(

@@ -2,13 +2,14 @@
 //! per room, stopped when the room closes; finished recordings listed and
 //! downloaded through links Confer signs for a few minutes.
 
+use crate::media::{Announcement, Media};
 use crate::webhook::Webhooks;
 use chrono::Utc;
 use confer_recorder::recording::Settings;
 use confer_recorder::s3::{S3Settings, S3Store};
 use confer_recorder::store::{self, Download, Manifest, Store};
 use confer_recorder::{LocalStore, Running};
-use confer_sfu::Sfu;
+use confer_sfu::RecordingState;
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::json;
 use sha2::Sha256;
@@ -93,7 +94,7 @@ pub struct Recordings {
     keep_days: u32,
     settings: Settings,
     enabled: bool,
-    sfu: Arc<Sfu>,
+    media: Media,
     webhooks: Option<Arc<Webhooks>>,
     running: Mutex<HashMap<String, Running>>,
     /// Bytes the spool may hold; 0: no bound.
@@ -112,7 +113,7 @@ pub struct Recordings {
 impl Recordings {
     pub fn new(
         config: &crate::Config,
-        sfu: Arc<Sfu>,
+        media: Media,
         webhooks: Option<Arc<Webhooks>>,
         tokens: Arc<crate::token::Tokens>,
     ) -> Arc<Recordings> {
@@ -139,7 +140,7 @@ impl Recordings {
             settings,
             enabled: r.enabled,
             spool_max: r.spool_max_mb * 1_000_000,
-            sfu,
+            media,
             webhooks,
             running: Mutex::new(HashMap::new()),
             link_key,
@@ -274,7 +275,9 @@ impl Recordings {
         if !self.enabled {
             return Err(RecordingError::Disabled);
         }
-        let room = self.sfu.room(room_id).ok_or(RecordingError::NoRoom)?;
+        if !self.media.has_room(room_id) {
+            return Err(RecordingError::NoRoom);
+        }
         let mut running = self.running.lock().unwrap();
         if running.contains_key(room_id) {
             return Err(RecordingError::AlreadyRecording);
@@ -287,7 +290,11 @@ impl Recordings {
         }
         let r = match &self.remote {
             None => confer_recorder::start(
-                room.clone(),
+                // Embedded recorders run only beside a local SFU (checked
+                // at start-up).
+                self.media
+                    .local_room(room_id)
+                    .ok_or(RecordingError::NoRoom)?,
                 title.to_owned(),
                 self.store.clone(),
                 self.settings.clone(),
@@ -304,7 +311,7 @@ impl Recordings {
         running.insert(room_id.to_owned(), r);
         drop(running);
         info!(room = room_id, recording = %id, by, "recording started");
-        room.announce_recording("started", &id, None);
+        self.announce(room_id, RecordingState::Started, &id, None);
         self.hook(
             room_id,
             "recording.started",
@@ -360,9 +367,7 @@ impl Recordings {
             .ok_or(RecordingError::NotRecording)?;
         let id = r.id.clone();
         info!(room = room_id, recording = %id, reason, "recording stopped");
-        if let Some(room) = self.sfu.room(room_id) {
-            room.announce_recording("stopped", &id, told);
-        }
+        self.announce(room_id, RecordingState::Stopped, &id, told);
         self.hook(
             room_id,
             "recording.stopped",
@@ -376,19 +381,32 @@ impl Recordings {
                 Ok(m) => me.available(&m),
                 Err(e) => {
                     warn!(room = %room_id, error = %e, "recording could not be stored");
-                    if let Some(room) = me.sfu.room(&room_id) {
-                        room.announce_recording("failed", &recording_id, Some(&e.to_string()));
-                    }
+                    let reason = e.to_string();
+                    me.announce(
+                        &room_id,
+                        RecordingState::Failed,
+                        &recording_id,
+                        Some(&reason),
+                    );
                 }
             }
         });
         Ok((id, task))
     }
 
+    fn announce(&self, room: &str, state: RecordingState, id: &str, reason: Option<&str>) {
+        self.media.announce(
+            room,
+            Announcement::Recording {
+                state,
+                recording_id: id.to_owned(),
+                reason: reason.map(str::to_owned),
+            },
+        );
+    }
+
     fn available(&self, m: &Manifest) {
-        if let Some(room) = self.sfu.room(&m.room) {
-            room.announce_recording("available", &m.id, None);
-        }
+        self.announce(&m.room, RecordingState::Available, &m.id, None);
         self.hook(
             &m.room,
             "recording.available",

@@ -3,6 +3,7 @@
 //! message, never the connection of anyone else.
 
 use crate::AppState;
+use crate::media::{Events, Joined, Link, RoomError, ToNode};
 use crate::meeting::ENDED_BY_MODERATOR;
 use crate::protocol::{
     CLIENT_TYPES, ClientMessage, ErrorCode, MAX_MESSAGE_BYTES, MAX_SDP_MESSAGE_BYTES, MeetingInfo,
@@ -12,11 +13,8 @@ use crate::schedule::Identity;
 use crate::token::JoinKind;
 use axum::extract::ws::{Message, WebSocket};
 use chrono::{SecondsFormat, Utc};
-use confer_sfu::{
-    Joined, Participant, ParticipantInfo, PeerEvent, Role, RoomEvent, SfuError, TrackKind,
-};
+use confer_sfu::{ParticipantInfo, Role, TrackKind};
 use futures_util::{SinkExt, StreamExt};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
@@ -56,7 +54,7 @@ pub async fn run(socket: WebSocket, state: AppState) {
         joined: None,
         meeting_title: None,
     };
-    let mut events: Option<mpsc::UnboundedReceiver<PeerEvent>> = None;
+    let mut events: Option<Events> = None;
     let reason = loop {
         tokio::select! {
             incoming = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => {
@@ -77,26 +75,30 @@ pub async fn run(socket: WebSocket, state: AppState) {
                     Ok(Some(Ok(_))) => {} // ping/pong: liveness only
                 }
             }
-            Some(evt) = next_event(&mut events) => {
-                if let Some(removed) = session.relay(evt) {
-                    session.send(ServerMessage::Removed { reason: removed });
+            evt = next_event(&mut events) => match evt {
+                Some(ServerMessage::Removed { reason }) => {
+                    session.send(ServerMessage::Removed { reason });
                     session.joined = None; // already out of the room
                     break "removed";
                 }
+                Some(msg) => session.send(msg),
+                // Its SFU node is gone: closing the socket makes the client
+                // reconnect, and join again on another node.
+                None => break "media server lost",
             }
         }
     };
-    if let Some((participant, _)) = session.joined.take() {
-        participant.leave(reason).await;
+    if let Some(me) = session.joined.take() {
+        me.link.leave(reason).await;
     }
     let _ = session.out.send(None);
     let _ = writer.await;
     debug!(reason, "websocket session ended");
 }
 
-async fn next_event(rx: &mut Option<mpsc::UnboundedReceiver<PeerEvent>>) -> Option<PeerEvent> {
-    match rx {
-        Some(rx) => rx.recv().await,
+async fn next_event(events: &mut Option<Events>) -> Option<ServerMessage> {
+    match events {
+        Some(e) => e.recv().await,
         None => std::future::pending().await,
     }
 }
@@ -113,14 +115,23 @@ enum Moderation {
 
 enum Flow {
     Continue,
-    Joined(mpsc::UnboundedReceiver<PeerEvent>),
+    Joined(Events),
     Leave,
+}
+
+/// This session's participant.
+struct Me {
+    id: String,
+    room: String,
+    user_id: String,
+    role: Role,
+    link: Link,
 }
 
 struct Session {
     state: AppState,
     out: mpsc::UnboundedSender<Outgoing>,
-    joined: Option<(Arc<Participant>, String)>,
+    joined: Option<Me>,
     /// The scheduled meeting's title, to name recordings after.
     meeting_title: Option<String>,
 }
@@ -182,13 +193,13 @@ impl Session {
                 Flow::Continue
             }
             msg => {
-                let Some((p, _)) = self.joined.clone() else {
+                if self.joined.is_none() {
                     return self.error(
                         ErrorCode::NotJoined,
                         format!("send \"join\" before {kind:?}"),
                     );
-                };
-                self.in_room(&p, msg).await
+                }
+                self.in_room(msg).await
             }
         }
     }
@@ -255,43 +266,38 @@ impl Session {
             role,
         };
         let Joined {
-            room,
-            participant,
-            events,
+            participant_id,
             others,
-        } = match self.state.sfu.join(&claims.room, info).await {
+            recording,
+            link,
+            events,
+        } = match self.state.media.join(&claims.room, info).await {
             Ok(j) => j,
-            Err(e) => {
-                let code = match e {
-                    SfuError::RoomFull(_) => ErrorCode::RoomFull,
-                    SfuError::RoomClosed(_) => ErrorCode::RoomClosed,
-                    _ => ErrorCode::Internal,
-                };
-                return self.error(code, e.to_string());
-            }
+            Err(refusal) => return self.error(refusal.code, refusal.message),
         };
+        let room = claims.room;
         // Admitted just before the meeting closed, joined just after: the
         // room would otherwise live on outside the schedule.
         if closes_at.is_some_and(|t| Utc::now() >= t) {
-            participant.leave(crate::meeting::ENDED_BY_SCHEDULE).await;
+            link.leave(crate::meeting::ENDED_BY_SCHEDULE).await;
             return self.error(
                 ErrorCode::MeetingEnded,
                 "the meeting ended while you were joining",
             );
         }
-        info!(room = %room.id, participant = %participant.id, user = %claims.sub, "admitted");
+        info!(%room, participant = %participant_id, user = %claims.sub, "admitted");
         self.send(ServerMessage::Joined {
-            participant_id: participant.id.clone(),
-            room: room.id.clone(),
+            participant_id: participant_id.clone(),
+            room: room.clone(),
             name: claims.name,
             role,
             participants: others,
             ice_servers: self.state.config.sfu.ice_servers.clone(),
             meeting,
-            recording: room.recording(),
+            recording,
         });
         // Someone joining in the last minutes is told right away.
-        if let Some(closes_at) = self.state.meetings.closes_at(&room.id) {
+        if let Some(closes_at) = self.state.meetings.closes_at(&room) {
             let warn = chrono::Duration::from_std(self.state.config.schedule.warn_before_close)
                 .unwrap_or_default();
             if Utc::now() >= closes_at - warn {
@@ -301,67 +307,69 @@ impl Session {
                 });
             }
         }
-        self.joined = Some((participant, room.id.clone()));
+        self.joined = Some(Me {
+            id: participant_id,
+            room,
+            user_id: claims.sub,
+            role,
+            link,
+        });
         Flow::Joined(events)
     }
 
-    async fn in_room(&mut self, p: &Arc<Participant>, msg: ClientMessage) -> Flow {
-        let result = match msg {
-            ClientMessage::Offer { sdp } => p.handle_offer(sdp).await,
-            ClientMessage::Answer { sdp } => p.handle_answer(sdp).await,
-            ClientMessage::Candidate { candidate } => p.add_ice_candidate(candidate).await,
-            ClientMessage::Mute { kind, muted } => {
-                p.set_muted(kind, muted);
-                Ok(())
+    async fn in_room(&mut self, msg: ClientMessage) -> Flow {
+        let op = match msg {
+            ClientMessage::Offer { sdp } => ToNode::Offer { sdp },
+            ClientMessage::Answer { sdp } => ToNode::Answer { sdp },
+            ClientMessage::Candidate { candidate } => ToNode::Candidate { candidate },
+            ClientMessage::Mute { kind, muted } => ToNode::Mute { kind, muted },
+            ClientMessage::VideoQuality { track_id, quality } => {
+                ToNode::VideoQuality { track_id, quality }
             }
-            ClientMessage::VideoQuality { track_id, quality } => p.set_quality(&track_id, quality),
             ClientMessage::Leave {} => return Flow::Leave,
             ClientMessage::MuteParticipant {
                 participant_id,
                 kind,
-            } => {
-                return self
-                    .moderate(p, Moderation::Mute(participant_id, kind))
-                    .await;
-            }
+            } => return self.moderate(Moderation::Mute(participant_id, kind)).await,
             ClientMessage::RemoveParticipant { participant_id } => {
-                return self.moderate(p, Moderation::Remove(participant_id)).await;
+                return self.moderate(Moderation::Remove(participant_id)).await;
             }
-            ClientMessage::EndMeeting {} => return self.moderate(p, Moderation::End).await,
+            ClientMessage::EndMeeting {} => return self.moderate(Moderation::End).await,
             ClientMessage::StartRecording {} => {
-                return self.moderate(p, Moderation::Record(true)).await;
+                return self.moderate(Moderation::Record(true)).await;
             }
             ClientMessage::StopRecording {} => {
-                return self.moderate(p, Moderation::Record(false)).await;
+                return self.moderate(Moderation::Record(false)).await;
             }
-            ClientMessage::Join { .. } | ClientMessage::Ping {} => Ok(()),
+            ClientMessage::Join { .. } | ClientMessage::Ping {} => return Flow::Continue,
         };
-        match result {
-            Ok(()) => Flow::Continue,
-            Err(SfuError::BadSdp(m)) => self.error(ErrorCode::BadSdp, m),
-            Err(SfuError::BadCandidate(m)) => self.error(ErrorCode::BadCandidate, m),
-            Err(e @ SfuError::UnknownTrack(_)) => {
-                self.error(ErrorCode::UnknownTrack, e.to_string())
-            }
-            Err(e) => self.error(ErrorCode::Internal, e.to_string()),
+        let Some(me) = &self.joined else {
+            return Flow::Continue;
+        };
+        if let Err(refused) = me.link.send(op).await {
+            debug!(?refused, "client request refused");
+            self.send(refused);
         }
+        Flow::Continue
     }
 
     /// Moderator actions. The role was fixed at admission (by the schedule
     /// for meetings), so a participant's client cannot claim it.
-    async fn moderate(&self, me: &Arc<Participant>, action: Moderation) -> Flow {
-        if me.info.role != Role::Moderator {
-            return self.error(ErrorCode::Forbidden, "only moderators can do that");
-        }
-        let Some((_, room_id)) = &self.joined else {
+    async fn moderate(&self, action: Moderation) -> Flow {
+        let Some(me) = &self.joined else {
             return Flow::Continue;
         };
-        let Some(room) = self.state.sfu.room(room_id) else {
-            return self.error(ErrorCode::RoomClosed, "the room is closed");
-        };
-        let target = |id: &str| {
-            room.participant(id)
-                .ok_or_else(|| format!("no participant {id:?} in this room"))
+        if me.role != Role::Moderator {
+            return self.error(ErrorCode::Forbidden, "only moderators can do that");
+        }
+        let media = &self.state.media;
+        let refused = |e: RoomError| {
+            let code = match e {
+                RoomError::NoRoom(_) => ErrorCode::RoomClosed,
+                RoomError::NoParticipant(_) => ErrorCode::UnknownParticipant,
+                RoomError::Unreachable(_) => ErrorCode::Internal,
+            };
+            self.error(code, e.to_string())
         };
         match action {
             Moderation::Mute(id, kind) => {
@@ -371,38 +379,32 @@ impl Session {
                         "only microphones can be muted by a moderator",
                     );
                 }
-                match target(&id) {
-                    Ok(t) => {
-                        info!(room = %room.id, by = %me.id, target = %id, "moderator mute");
-                        t.force_mute(&me.id);
-                    }
-                    Err(m) => return self.error(ErrorCode::UnknownParticipant, m),
+                info!(room = %me.room, by = %me.id, target = %id, "moderator mute");
+                if let Err(e) = media.force_mute(&me.room, &id, &me.id).await {
+                    return refused(e);
                 }
             }
             Moderation::Remove(id) => {
                 if id == me.id {
                     return self.error(ErrorCode::BadMessage, "to leave, send \"leave\"");
                 }
-                if let Err(m) = target(&id) {
-                    return self.error(ErrorCode::UnknownParticipant, m);
+                info!(room = %me.room, by = %me.id, target = %id, "moderator removes participant");
+                if let Err(e) = media.remove(&me.room, &id, "removed_by_moderator").await {
+                    return refused(e);
                 }
-                info!(room = %room.id, by = %me.id, target = %id, "moderator removes participant");
-                room.leave(&id, "removed_by_moderator").await;
             }
             Moderation::Record(on) => {
                 use crate::recordings::RecordingError as E;
                 let title = self
                     .meeting_title
                     .clone()
-                    .unwrap_or_else(|| room.id.clone());
+                    .unwrap_or_else(|| me.room.clone());
                 let result = if on {
-                    self.state
-                        .recordings
-                        .start(&room.id, &title, &me.info.user_id)
+                    self.state.recordings.start(&me.room, &title, &me.user_id)
                 } else {
                     self.state
                         .recordings
-                        .stop(&room.id, "stopped by a moderator")
+                        .stop(&me.room, "stopped by a moderator")
                 };
                 if let Err(e) = result {
                     let code = match e {
@@ -417,88 +419,14 @@ impl Session {
                 }
             }
             Moderation::End => {
-                info!(room = %room.id, by = %me.id, "moderator ends the meeting");
-                let sfu = self.state.sfu.clone();
-                let id = room.id.clone();
+                info!(room = %me.room, by = %me.id, "moderator ends the meeting");
+                let media = media.clone();
+                let id = me.room.clone();
                 // Closing removes this session too; let its socket see that
                 // as an ordinary event rather than waiting on itself here.
-                tokio::spawn(async move { sfu.close_room(&id, ENDED_BY_MODERATOR).await });
+                tokio::spawn(async move { media.close_room(&id, ENDED_BY_MODERATOR).await });
             }
         }
         Flow::Continue
-    }
-
-    /// Passes an SFU event to the client. Returns the reason if the
-    /// participant was removed.
-    fn relay(&self, evt: PeerEvent) -> Option<String> {
-        let msg = match evt {
-            PeerEvent::Offer(sdp) => ServerMessage::Offer { sdp },
-            PeerEvent::Answer(sdp) => ServerMessage::Answer { sdp },
-            PeerEvent::IceCandidate(candidate) => ServerMessage::Candidate { candidate },
-            PeerEvent::Removed { reason } => return Some(reason),
-            PeerEvent::MutedByModerator { by, kind } => {
-                ServerMessage::MutedByModerator { by, kind }
-            }
-            PeerEvent::VideoPaused { track_id, paused } => ServerMessage::VideoPaused {
-                track_id,
-                reason: "bandwidth",
-                paused,
-            },
-            PeerEvent::Room(e) => match e {
-                RoomEvent::ParticipantJoined(participant) => {
-                    ServerMessage::ParticipantJoined { participant }
-                }
-                RoomEvent::ParticipantLeft {
-                    participant_id,
-                    reason,
-                } => ServerMessage::ParticipantLeft {
-                    participant_id,
-                    reason,
-                },
-                RoomEvent::TrackPublished {
-                    participant_id,
-                    track,
-                } => ServerMessage::TrackPublished {
-                    participant_id,
-                    track,
-                },
-                RoomEvent::TrackRemoved {
-                    participant_id,
-                    track_id,
-                } => ServerMessage::TrackRemoved {
-                    participant_id,
-                    track_id,
-                },
-                RoomEvent::Muted {
-                    participant_id,
-                    kind,
-                    muted,
-                } => ServerMessage::Mute {
-                    participant_id,
-                    kind,
-                    muted,
-                },
-                RoomEvent::ActiveSpeaker { participant_id } => {
-                    ServerMessage::ActiveSpeaker { participant_id }
-                }
-                RoomEvent::Recording {
-                    state,
-                    recording_id,
-                    reason,
-                } => ServerMessage::Recording {
-                    state: state.to_owned(),
-                    recording_id,
-                    reason,
-                },
-                RoomEvent::Closing { closes_at, reason } => ServerMessage::MeetingEnding {
-                    closes_at: chrono::DateTime::from_timestamp(closes_at as i64, 0)
-                        .unwrap_or_default()
-                        .to_rfc3339_opts(SecondsFormat::Secs, true),
-                    reason,
-                },
-            },
-        };
-        self.send(msg);
-        None
     }
 }

@@ -8,7 +8,9 @@
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use confer_sfu::Role;
+use confer_sfu::{Role, Sfu};
+use confer_signaling::media::Media as Rooms;
+use confer_signaling::nodes::Nodes;
 use confer_signaling::token::{Claims, JoinKind};
 use confer_signaling::{AppState, Config};
 use futures_util::{SinkExt, StreamExt};
@@ -87,6 +89,14 @@ impl TestServer {
         })
     }
 
+    /// The SFU in this process.
+    pub fn sfu(&self) -> &Arc<Sfu> {
+        match &self.state.media {
+            Rooms::Local(sfu) => sfu,
+            Rooms::Remote(_) => panic!("this test server's rooms are on SFU nodes"),
+        }
+    }
+
     /// A call token for `room`: admitted without a schedule check.
     pub fn token(&self, name: &str, room: &str) -> String {
         self.token_with(name, room, confer_signaling::token::now_secs() + 600)
@@ -104,6 +114,107 @@ impl TestServer {
             .tokens
             .mint(&claims)
             .expect("demo mode mints tokens")
+    }
+}
+
+/// The secret test SFU nodes and the signaling that drives them share.
+pub const SPLIT_SECRET: &str = "a-test-secret-between-signaling-and-sfu";
+
+/// An SFU node (`confer sfu`) in this test process, on a runtime of its
+/// own, so that [`TestNode::kill`] is its process dying: every task and
+/// socket gone at once.
+pub struct TestNode {
+    pub url: String,
+    pub sfu: Arc<Sfu>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl TestNode {
+    pub fn start() -> anyhow::Result<TestNode> {
+        let mut config = Config::default();
+        config.sfu.udp_port_min = 0;
+        config.sfu.udp_port_max = 0;
+        config.sfu.empty_room_grace = Duration::from_secs(1);
+        let sfu = Sfu::new(config.sfu);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let app = confer_signaling::sfu_node::router(sfu.clone(), SPLIT_SECRET);
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("a listener");
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(TestNode {
+            url,
+            sfu,
+            runtime: Some(runtime),
+        })
+    }
+
+    pub fn kill(mut self) {
+        if let Some(r) = self.runtime.take() {
+            r.shutdown_background();
+        }
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(r) = self.runtime.take() {
+            r.shutdown_background();
+        }
+    }
+}
+
+impl TestServer {
+    /// `confer signaling` in this process, with its rooms on `nodes`;
+    /// returns once it is connected to all of them.
+    pub async fn start_split(
+        nodes: &[&TestNode],
+        adjust: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<TestServer> {
+        let mut config = Config::load(None, std::iter::empty())?;
+        config.data_dir =
+            std::env::temp_dir().join(format!("confer-test-{:016x}", rand::random::<u64>()));
+        config.split.sfu_nodes = nodes.iter().map(|n| n.url.clone()).collect();
+        config.split.secret = Some(SPLIT_SECRET.into());
+        config.recording.recorders = confer_signaling::config::RecorderMode::Remote;
+        config.recording.recorder_secret =
+            Some("a-recorder-secret-of-32-characters-or-more".into());
+        adjust(&mut config);
+        let remote = Nodes::connect(config.split.sfu_nodes.clone(), SPLIT_SECRET.into());
+        let state = AppState::with_media(config, Rooms::Remote(remote.clone()))
+            .map_err(anyhow::Error::msg)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(confer_signaling::serve(listener, state.clone(), async {
+            let _ = rx.await;
+        }));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !remote.status().iter().all(|n| n.up) {
+            if Instant::now() > deadline {
+                bail!("SFU nodes not connected: {:?}", remote.status());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(TestServer {
+            addr,
+            state,
+            _shutdown: tx,
+        })
+    }
+
+    /// The SFU nodes, as signaling sees them.
+    pub fn nodes(&self) -> &Arc<Nodes> {
+        match &self.state.media {
+            Rooms::Remote(nodes) => nodes,
+            Rooms::Local(_) => panic!("this test server runs its own SFU"),
+        }
     }
 }
 

@@ -122,7 +122,7 @@ async fn five_participants_and_one_vanishes() {
             c.name
         );
     }
-    let room = server.state.sfu.room("five").unwrap();
+    let room = server.sfu().room("five").unwrap();
     assert_eq!(room.participant_count(), 4);
 }
 
@@ -144,8 +144,7 @@ async fn h264_and_vp9_are_forwarded() {
         wait_for_media(&clients, 50, 30, Duration::from_secs(30)).await;
         verify_all(&clients);
         let codecs: Vec<String> = server
-            .state
-            .sfu
+            .sfu()
             .room(room)
             .unwrap()
             .tracks()
@@ -274,8 +273,7 @@ async fn a_hidden_tile_gets_its_video_back_without_a_gap() {
     let video = || ann.received(&bo.participant_id, Kind::Video).packets;
     wait_for("bo's video", Duration::from_secs(20), || video().len() > 30).await;
     let track = server
-        .state
-        .sfu
+        .sfu()
         .room("tiles")
         .unwrap()
         .tracks()

@@ -157,7 +157,7 @@ async fn moderators_mute_remove_and_end_participants_cannot() {
     })
     .await;
     until("the room is gone", Duration::from_secs(5), || {
-        server.state.sfu.room("board").is_none()
+        server.sfu().room("board").is_none()
     })
     .await;
 }

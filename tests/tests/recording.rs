@@ -158,7 +158,7 @@ async fn three_voices_and_the_speakers_video_in_one_file() {
 
     let store_dir = tmp("store");
     let store: Arc<dyn Store> = Arc::new(LocalStore::new(store_dir.clone()));
-    let room = server.state.sfu.room("recorded").unwrap();
+    let room = server.sfu().room("recorded").unwrap();
     let settings = Settings {
         segment: Duration::from_secs(5),
         spool: tmp("spool"),
@@ -221,12 +221,12 @@ async fn a_recorder_that_dies_leaves_a_playable_file_after_recovery() {
         spool: spool.clone(),
         ..Default::default()
     };
-    let room = server.state.sfu.room("recorded").unwrap();
+    let room = server.sfu().room("recorded").unwrap();
     let rec = confer_recorder::start(room, "Crash".into(), store.clone(), settings);
     tokio::time::sleep(Duration::from_millis(7500)).await;
     // Dies without a word: no trailer, no manifest, no upload.
     rec.abort();
-    server.state.sfu.room("recorded").unwrap().stop_tap();
+    server.sfu().room("recorded").unwrap().stop_tap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(store.list(store::PREFIX).await.unwrap().is_empty());
 
@@ -347,7 +347,7 @@ async fn check_sync(through_recorder_process: bool) {
             ..Default::default()
         };
         let rec = confer_recorder::start(
-            server.state.sfu.room("sync").unwrap(),
+            server.sfu().room("sync").unwrap(),
             "Sync".into(),
             store,
             settings,
@@ -633,8 +633,7 @@ async fn a_recorder_process_records_as_a_hidden_participant() {
     assert_eq!(admin["recorders"][0]["recordings"], serde_json::json!([id]));
     until("the recorder in the room", Duration::from_secs(10), || {
         server
-            .state
-            .sfu
+            .sfu()
             .room("recorded")
             .is_some_and(|r| r.summary().participants.len() == 3)
     })
@@ -656,12 +655,7 @@ async fn a_recorder_process_records_as_a_hidden_participant() {
         );
     }
     assert_eq!(
-        server
-            .state
-            .sfu
-            .room("recorded")
-            .unwrap()
-            .participant_count(),
+        server.sfu().room("recorded").unwrap().participant_count(),
         2
     );
     let list = recordings.list("recorded").await.unwrap();
@@ -688,8 +682,7 @@ async fn a_recorder_process_records_as_a_hidden_participant() {
     // It leaves the room once done.
     until("the recorder gone", Duration::from_secs(10), || {
         server
-            .state
-            .sfu
+            .sfu()
             .room("recorded")
             .is_some_and(|r| r.summary().participants.len() == 2)
     })

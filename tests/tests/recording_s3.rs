@@ -85,7 +85,7 @@ fn record(
         upload_segments: true,
         ..Default::default()
     };
-    let room = server.state.sfu.room(room).unwrap();
+    let room = server.sfu().room(room).unwrap();
     confer_recorder::start(room, "Recorded".into(), s3, settings)
 }
 
@@ -282,7 +282,7 @@ async fn a_lost_machine_loses_at_most_the_segment_in_progress() {
     assert!(found.unwrap().is_empty());
 
     rec.abort();
-    server.state.sfu.room("lost").unwrap().stop_tap();
+    server.sfu().room("lost").unwrap().stop_tap();
     std::fs::remove_dir_all(&spool).unwrap();
 
     // Minutes later the heartbeat is stale: the other node finishes it.

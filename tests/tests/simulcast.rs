@@ -189,7 +189,7 @@ async fn video_that_fits_no_layer_is_paused_until_the_link_clears() {
 
 /// `who`'s downlink as the admin API shows it.
 fn downlink(server: &TestServer, room: &str, who: &Client) -> Value {
-    let room = server.state.sfu.room(room).expect("the room");
+    let room = server.sfu().room(room).expect("the room");
     let summary = serde_json::to_value(room.summary()).unwrap();
     summary["participants"]
         .as_array()
