@@ -499,6 +499,11 @@ function handleError(msg) {
     leaving = true;
     showBanner(at && !isNaN(at) ? `This meeting has not started yet. You can join from ${at.toLocaleString()}.` : msg.message, 'error');
     end();
+  } else if (msg.code === 'sfu_unavailable') {
+    // Split deployments: the room's media server is gone; closing
+    // reconnects after a back-off, and the room opens on another.
+    showBanner('The media server is unavailable. Retrying…', 'error');
+    ws.close();
   } else if (msg.code in texts) {
     leaving = true;
     showBanner(texts[msg.code] || `Cannot join: ${msg.message}`, 'error');

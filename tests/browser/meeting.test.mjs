@@ -34,19 +34,20 @@ function keepLog(proc, name) {
   });
 }
 
-async function startConfer(extraEnv = {}, dataDir = mkdtempSync(join(tmpdir(), 'confer-browser-'))) {
+// `role` is serve, signaling or sfu.
+async function startConfer(extraEnv = {}, dataDir = mkdtempSync(join(tmpdir(), 'confer-browser-')), role = 'serve') {
   assert.ok(BIN, 'set TEST_CONFER_BIN to the confer binary');
-  const proc = spawn(BIN, ['serve', '--listen', '127.0.0.1:0', '--data-dir', dataDir], {
+  const proc = spawn(BIN, [role, '--listen', '127.0.0.1:0', '--data-dir', dataDir], {
     env: { ...process.env, CONFER_SFU_UDP_PORT_MIN: '0', CONFER_SFU_UDP_PORT_MAX: '0', ...extraEnv },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
-  keepLog(proc, 'confer');
+  keepLog(proc, role === 'serve' ? 'confer' : role);
   const url = await new Promise((resolve, reject) => {
     let out = '';
     const timer = setTimeout(() => reject(new Error(`confer did not start: ${out}`)), 20000);
     proc.stdout.on('data', (d) => {
       out += d;
-      const m = out.match(/confer listening on (http:\/\/[^/\s]+)\//);
+      const m = out.match(/confer (?:sfu )?listening on (http:\/\/[^/\s]+)\//);
       if (m) { clearTimeout(timer); resolve(m[1]); }
     });
     proc.on('exit', (code) => reject(new Error(`confer exited with ${code}: ${out}`)));
@@ -429,6 +430,53 @@ test('a recorder process records the meeting; killed, its restart stores what it
     for (const p of pages) await p.context().close();
     recorder.kill('SIGKILL');
     server.proc.kill('SIGTERM');
+  }
+});
+
+test('split: signaling and two SFU node processes; when the room\'s node dies the pages reconnect onto the other', async () => {
+  const secret = randomBytes(16).toString('hex');
+  const split = { CONFER_SPLIT_SECRET: randomBytes(20).toString('hex') };
+  const nodes = [await startConfer(split, undefined, 'sfu'), await startConfer(split, undefined, 'sfu')];
+  const signaling = await startConfer({
+    ...split,
+    CONFER_AUTH_TOKEN_SECRET: secret,
+    CONFER_RECORDING_ENABLED: 'false',
+    CONFER_SPLIT_SFU_NODES: JSON.stringify(nodes.map((n) => n.url)),
+  }, undefined, 'signaling');
+  const room = `split-${randomBytes(4).toString('hex')}`;
+  const token = (name) => joinToken(secret, {
+    sub: `u-${name}`, name, room, role: 'participant', kind: 'call', exp: Math.floor(Date.now() / 1000) + 600,
+  });
+  const holding = async () => {
+    const held = [];
+    for (const n of nodes) {
+      if (n.proc.exitCode !== null || n.proc.signalCode) continue;
+      const r = await fetch(`${n.url}/sfu/v1/rooms`, { headers: { Authorization: `Bearer ${split.CONFER_SPLIT_SECRET}` } });
+      if ((await r.json()).rooms.some((x) => x.id === room)) held.push(n);
+    }
+    return held;
+  };
+  const pages = [];
+  try {
+    await waitFor('signaling ready', 10000, async () => (await fetch(`${signaling.url}/readyz`)).ok);
+    for (const name of ['Ana', 'Bo']) pages.push(await openPage(`/m/${room}#token=${token(name)}`, signaling.url));
+    const [ana, bo] = pages;
+    await assertMediaFlowing(ana, 1, 'Ana');
+    await assertMediaFlowing(bo, 1, 'Bo');
+    const [doomed] = await holding();
+    assert.ok(doomed, 'a node holds the room');
+    doomed.proc.kill('SIGKILL');
+    // Their sockets close; the pages reconnect, and the room opens again
+    // on the node that is left.
+    await waitFor('Ana told the connection was lost', 10000, async () =>
+      /Reconnecting|unavailable/.test(await ana.locator('#banner').textContent()));
+    await assertMediaFlowing(ana, 1, 'Ana, reconnected');
+    await assertMediaFlowing(bo, 1, 'Bo, reconnected');
+    const [now] = await holding();
+    assert.ok(now && now !== doomed, 'the room is on the other node');
+  } finally {
+    for (const p of pages) await p.context().close();
+    for (const n of [...nodes, signaling]) n.proc.kill('SIGKILL');
   }
 });
 
