@@ -3,7 +3,8 @@
 //! WebM segments as it goes and joined into one file at the end.
 //!
 //! - [`jitter`]: per-stream reordering, a bounded wait for retransmissions.
-//! - [`vp8`]: VP8 frames out of RTP, keyframes and their size.
+//! - [`vp8`]: VP8 frames out of RTP, keyframes and their size; [`h264`]:
+//!   H.264 access units out of RTP, which [`transcode`] turns into VP8.
 //! - [`audio`]: Opus decoding, the mixer with its limiter, the encoder.
 //! - [`mux`]: WebM segments through FFmpeg, joined without decoding.
 //! - [`timeline`]: RTP time onto the recording's timeline, lips in sync.
@@ -14,6 +15,7 @@
 //!   listing and the expiry sweep; [`s3`]: the same on S3.
 
 pub mod audio;
+pub mod h264;
 pub mod jitter;
 pub mod mux;
 pub mod participant;
@@ -21,6 +23,7 @@ pub mod recording;
 pub mod s3;
 pub mod store;
 pub mod timeline;
+pub mod transcode;
 pub mod upload;
 pub mod vp8;
 pub mod worker;

@@ -1,5 +1,6 @@
 //! WebM files through FFmpeg's muxer (ffmpeg-next): one VP8 video stream
-//! (forwarded frames, never re-encoded) and one Opus stream (the mix).
+//! (forwarded frames; only H.264 is re-encoded, by [`crate::transcode`])
+//! and one Opus stream (the mix).
 //!
 //! A recording is written as self-contained segment files, each starting
 //! with a video keyframe, with timestamps counted from the start of the
@@ -17,7 +18,19 @@ pub struct MuxError {
     source: ffmpeg::Error,
 }
 
-fn ctx<T>(r: Result<T, ffmpeg::Error>, context: impl Into<String>) -> Result<T, MuxError> {
+impl MuxError {
+    pub(crate) fn new(context: impl Into<String>, source: ffmpeg::Error) -> MuxError {
+        MuxError {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+pub(crate) fn ctx<T>(
+    r: Result<T, ffmpeg::Error>,
+    context: impl Into<String>,
+) -> Result<T, MuxError> {
     r.map_err(|source| MuxError {
         context: context.into(),
         source,
@@ -27,7 +40,7 @@ fn ctx<T>(r: Result<T, ffmpeg::Error>, context: impl Into<String>) -> Result<T, 
 /// Milliseconds: the time base we hand to the muxer.
 const MS: (i32, i32) = (1, 1000);
 
-fn init() {
+pub(crate) fn init() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let _ = ffmpeg::init();

@@ -13,12 +13,14 @@
 //! itself is lost.
 
 use crate::audio::{self, Decoder, Encoder, Mixer};
+use crate::h264;
 use crate::jitter::{JitterBuffer, Out};
 use crate::mux::{self, SegmentWriter};
 use crate::store::{self, Manifest, Person, Store};
 use crate::timeline::{self, Clock, Report};
+use crate::transcode::Transcoder;
 use crate::upload::{self, Uploader};
-use crate::vp8::Depacketizer;
+use crate::vp8::{self, Depacketizer};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use confer_sfu::TrackKind;
@@ -414,9 +416,71 @@ enum Media {
         decoder: Decoder,
         next_sample: Option<u64>,
     },
-    Video {
-        depack: Depacketizer,
+    Video(Video),
+}
+
+/// A video track as it arrives: VP8 goes into the file as it is; H.264 is
+/// decoded and encoded as VP8, only while it is on screen.
+enum Video {
+    Vp8(Depacketizer),
+    H264 {
+        depack: h264::Depacketizer,
+        transcoder: Option<Transcoder>,
     },
+}
+
+impl Video {
+    fn lost(&mut self) {
+        match self {
+            Video::Vp8(d) => d.lost(),
+            Video::H264 { depack, .. } => depack.lost(),
+        }
+    }
+
+    /// The next frame made here is a keyframe, without asking the
+    /// publisher (H.264 only: VP8 frames are the publisher's own).
+    fn request_keyframe(&mut self) {
+        if let Video::H264 {
+            transcoder: Some(t),
+            ..
+        } = self
+        {
+            t.request_keyframe();
+        }
+    }
+
+    /// The VP8 frames `p` completes; `on_screen`: shown, or about to be.
+    fn push(&mut self, p: &Packet, on_screen: bool) -> Result<Vec<vp8::Frame>, String> {
+        match self {
+            Video::Vp8(d) => Ok(d
+                .push(&p.payload, p.rtp_ts, p.marker)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .collect()),
+            Video::H264 { depack, transcoder } => {
+                let frame = depack
+                    .push(&p.payload, p.rtp_ts, p.marker)
+                    .map_err(|e| e.to_string())?;
+                let Some(frame) = frame else {
+                    return Ok(Vec::new());
+                };
+                if !on_screen {
+                    // Decoding costs CPU: only for the picture recorded.
+                    *transcoder = None;
+                    return Ok(Vec::new());
+                }
+                if transcoder.is_none() {
+                    if !frame.keyframe {
+                        return Ok(Vec::new());
+                    }
+                    *transcoder = Some(Transcoder::new().map_err(|e| e.to_string())?);
+                }
+                let t = transcoder.as_mut().expect("made above");
+                t.push(&frame.data, p.timeline_us / 1000)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
 }
 
 struct Track {
@@ -512,9 +576,13 @@ impl Pipeline {
                         },
                         Err(e) => return warn!(error = %e, "no Opus decoder; track not recorded"),
                     },
-                    TrackKind::Video if info.codec == "video/vp8" => Media::Video {
-                        depack: Depacketizer::default(),
-                    },
+                    TrackKind::Video if info.codec == "video/vp8" => {
+                        Media::Video(Video::Vp8(Depacketizer::default()))
+                    }
+                    TrackKind::Video if info.codec == "video/h264" => Media::Video(Video::H264 {
+                        depack: h264::Depacketizer::default(),
+                        transcoder: None,
+                    }),
                     _ => return debug!(codec = %info.codec, "codec not recorded"),
                 };
                 if !self
@@ -528,7 +596,7 @@ impl Pipeline {
                         name: info.name.clone(),
                     });
                 }
-                let is_video = matches!(media, Media::Video { .. });
+                let is_video = matches!(media, Media::Video(_));
                 let id = info.track_id.clone();
                 self.tracks.insert(
                     id.clone(),
@@ -683,6 +751,13 @@ impl Pipeline {
             self.rollover_since = Some(now_ms);
             if let Some(id) = &self.shown {
                 keyframe(id);
+                if let Some(Track {
+                    media: Media::Video(v),
+                    ..
+                }) = self.tracks.get_mut(id)
+                {
+                    v.request_keyframe();
+                }
             }
         }
         if let Some(since) = self.rollover_since
@@ -742,39 +817,48 @@ impl Pipeline {
                     *next_sample = Some(at + pcm.len() as u64);
                 }
             }
-            (Media::Video { depack }, Out::Lost { .. }) => {
-                depack.lost();
+            (Media::Video(video), Out::Lost { .. }) => {
+                video.lost();
                 if self.shown.as_ref() == Some(id) || self.pending.as_ref() == Some(id) {
                     keyframe(id);
                 }
             }
-            (Media::Video { depack }, Out::Packet { item, .. }) => {
-                let frame = match depack.push(&item.payload, item.rtp_ts, item.marker) {
-                    Ok(Some(f)) => f,
-                    Ok(None) => return Ok(()),
+            (Media::Video(video), Out::Packet { item, .. }) => {
+                let on_screen =
+                    self.shown.as_ref() == Some(id) || self.pending.as_ref() == Some(id);
+                let frames = match video.push(&item, on_screen) {
+                    Ok(f) => f,
                     Err(e) => {
-                        debug!(track = %id, error = %e, "bad VP8 packet");
+                        debug!(track = %id, error = %e, "bad video packet");
                         return Ok(());
                     }
                 };
                 let ms = item.timeline_us / 1000;
-                if self.pending.as_ref() == Some(id) && frame.keyframe {
-                    self.shown = self.pending.take();
+                for frame in frames {
+                    self.show(id, ms, frame)?;
                 }
-                if self.shown.as_ref() != Some(id) {
-                    return Ok(());
-                }
-                match (self.rollover_since, frame.size) {
-                    (Some(_), Some((w, h))) => self.rollover(ms, w, h, &frame.data)?,
-                    _ => {
-                        if let Some(w) = self.writer.as_mut() {
-                            w.video(ms, frame.keyframe, &frame.data)?;
-                        }
-                    }
-                }
-                self.last_video_ms = self.last_video_ms.max(ms);
             }
         }
+        Ok(())
+    }
+
+    /// A frame of track `id`'s video, in the file if it is the one shown.
+    fn show(&mut self, id: &Arc<str>, ms: i64, frame: vp8::Frame) -> Result<(), RecordError> {
+        if self.pending.as_ref() == Some(id) && frame.keyframe {
+            self.shown = self.pending.take();
+        }
+        if self.shown.as_ref() != Some(id) {
+            return Ok(());
+        }
+        match (self.rollover_since, frame.size) {
+            (Some(_), Some((w, h))) => self.rollover(ms, w, h, &frame.data)?,
+            _ => {
+                if let Some(w) = self.writer.as_mut() {
+                    w.video(ms, frame.keyframe, &frame.data)?;
+                }
+            }
+        }
+        self.last_video_ms = self.last_video_ms.max(ms);
         Ok(())
     }
 

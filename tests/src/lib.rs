@@ -661,12 +661,17 @@ impl Client {
         index: u8,
         media: Arc<RealMedia>,
     ) -> anyhow::Result<Client> {
+        let codec = if media.h264 {
+            "video/H264"
+        } else {
+            "video/VP8"
+        };
         Self::join_with_media(
             server,
             name,
             token,
             index,
-            Some("video/VP8"),
+            Some(codec),
             Media::Real(media),
             LastHop::Clean,
         )
@@ -1076,8 +1081,11 @@ pub enum Media {
 /// Real codec data, for the recorder: an Opus tone and VP8 frames.
 pub struct RealMedia {
     pub tone_hz: f64,
-    /// VP8 frames at 30 fps, sent in a loop.
+    /// VP8 frames at 30 fps, sent in a loop (H.264 access units with
+    /// [`RealMedia::h264`]).
     pub vp8: Arc<Vec<Vec<u8>>>,
+    /// The frames are H.264 (Annex B), not VP8.
+    pub h264: bool,
     /// With these, the video is published as simulcast: these frames on
     /// layer `h`, `vp8` on layer `f`.
     pub small: Option<Arc<Vec<Vec<u8>>>>,
@@ -1097,6 +1105,19 @@ impl RealMedia {
             vp8,
             small: None,
             beeps: false,
+            h264: false,
+            start: Default::default(),
+        })
+    }
+
+    /// A continuous tone, and H.264 video from [`h264_test_frames`].
+    pub fn h264(tone_hz: f64, frames: Arc<Vec<Vec<u8>>>) -> Arc<RealMedia> {
+        Arc::new(RealMedia {
+            tone_hz,
+            vp8: frames,
+            small: None,
+            beeps: false,
+            h264: true,
             start: Default::default(),
         })
     }
@@ -1108,6 +1129,7 @@ impl RealMedia {
             vp8: flashes,
             small: None,
             beeps: true,
+            h264: false,
             start: Default::default(),
         })
     }
@@ -1124,6 +1146,7 @@ impl RealMedia {
             vp8: big,
             small: Some(small),
             beeps: false,
+            h264: false,
             start: Default::default(),
         })
     }
@@ -1151,6 +1174,107 @@ pub fn vp8_small_test_frames(seconds: u32) -> anyhow::Result<Vec<Vec<u8>>> {
         &format!("testsrc=size=160x120:rate=30:duration={seconds}"),
         "60k",
     )
+}
+
+/// H.264 access units (Annex B, constrained baseline as browsers send) of
+/// a test pattern, `seconds` long at 30 fps with an IDR every second.
+pub fn h264_test_frames(seconds: u32) -> anyhow::Result<Vec<Vec<u8>>> {
+    let path = std::env::temp_dir().join(format!("confer-{:016x}.h264", rand::random::<u64>()));
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
+        .arg(format!("testsrc=size=320x240:rate=30:duration={seconds}"))
+        .args([
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-profile:v",
+            "baseline",
+        ])
+        .args([
+            "-g",
+            "30",
+            "-bsf:v",
+            "h264_metadata=aud=insert",
+            "-f",
+            "h264",
+        ])
+        .arg(&path)
+        .status()?;
+    anyhow::ensure!(status.success(), "ffmpeg could not make H.264 test frames");
+    let data = std::fs::read(&path)?;
+    let _ = std::fs::remove_file(&path);
+    // Access unit delimiters (NAL type 9) mark where each frame starts;
+    // browsers send none, so they are cut out.
+    let nals = nal_units(&data);
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    for nal in nals {
+        if nal[0] & 0x1f == 9 {
+            frames.push(Vec::new());
+        } else if let Some(f) = frames.last_mut() {
+            f.extend_from_slice(&[0, 0, 0, 1]);
+            f.extend_from_slice(nal);
+        }
+    }
+    frames.retain(|f| !f.is_empty());
+    Ok(frames)
+}
+
+/// The NAL units of an Annex B stream, without start codes.
+fn nal_units(data: &[u8]) -> Vec<&[u8]> {
+    let mut starts = Vec::new();
+    let mut i = 0;
+    while i + 3 <= data.len() {
+        if data[i..i + 3] == [0, 0, 1] {
+            starts.push(i + 3);
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    starts
+        .iter()
+        .enumerate()
+        .map(|(k, &a)| {
+            let mut b = starts.get(k + 1).map_or(data.len(), |&n| n - 3);
+            // A four-byte start code leaves its leading zero behind.
+            while b > a && data[b - 1] == 0 {
+                b -= 1;
+            }
+            &data[a..b]
+        })
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// RTP payloads of one access unit (RFC 6184): small NAL units whole,
+/// larger ones in FU-A fragments; the marker on the last.
+fn h264_packets(access_unit: &[u8]) -> Vec<(Vec<u8>, bool)> {
+    let mut out = Vec::new();
+    for nal in nal_units(access_unit) {
+        if nal.len() <= 1000 {
+            out.push((nal.to_vec(), false));
+            continue;
+        }
+        let chunks: Vec<&[u8]> = nal[1..].chunks(1000).collect();
+        let last = chunks.len() - 1;
+        for (i, c) in chunks.into_iter().enumerate() {
+            let mut fu = nal[0] & 0x1f;
+            if i == 0 {
+                fu |= 0x80;
+            }
+            if i == last {
+                fu |= 0x40;
+            }
+            let mut p = vec![(nal[0] & 0xe0) | 28, fu];
+            p.extend_from_slice(c);
+            out.push((p, false));
+        }
+    }
+    if let Some(last) = out.last_mut() {
+        last.1 = true;
+    }
+    out
 }
 
 /// Width of the VP8 keyframe starting in `payload` (an RTP payload with a
@@ -1304,6 +1428,7 @@ async fn send_real_media(
                 let len = encoder.encode(&pcm, &mut out).expect("opus encodes");
                 vec![(out[..len].to_vec(), false)]
             }
+            Kind::Video if real.h264 => h264_packets(&frames[(n as usize) % frames.len()]),
             Kind::Video => {
                 let frame = &frames[(n as usize) % frames.len()];
                 let chunks: Vec<&[u8]> = frame.chunks(1000).collect();

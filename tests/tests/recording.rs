@@ -4,7 +4,9 @@
 
 use confer_recorder::recording::Settings;
 use confer_recorder::store::{self, LocalStore, Store};
-use confer_tests::{Client, Kind, RealMedia, TestServer, init_logging, vp8_test_frames};
+use confer_tests::{
+    Client, Kind, RealMedia, TestServer, h264_test_frames, init_logging, vp8_test_frames,
+};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -205,6 +207,69 @@ async fn three_voices_and_the_speakers_video_in_one_file() {
         }
     }
     drop(c);
+}
+
+/// The width and height of every video frame in `file`.
+fn frame_sizes(file: &Path) -> Vec<String> {
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v", "-show_entries"])
+        .args(["frame=width,height", "-of", "csv=p=0"])
+        .arg(file)
+        .output()
+        .expect("ffprobe runs");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A client that sends only H.264 (some Safari and hardware-encoder
+/// set-ups) is seen in the recording: WebM holds no H.264, so its video is
+/// made VP8 while it is on screen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h264_only_publisher_is_seen_in_the_recording() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    let h264 = Arc::new(h264_test_frames(2).unwrap());
+    let token = server.token("ann", "recorded");
+    let a = Client::join_real(&server, "ann", &token, 1, RealMedia::h264(440.0, h264))
+        .await
+        .unwrap();
+    let b = Client::join(&server, "ben", "recorded", 2, false)
+        .await
+        .unwrap();
+    until("Ben gets Ann's H.264", Duration::from_secs(20), || {
+        b.received(&a.participant_id, Kind::Video).packets.len() > 30
+    })
+    .await;
+
+    let store_dir = tmp("store");
+    let store: Arc<dyn Store> = Arc::new(LocalStore::new(store_dir.clone()));
+    let settings = Settings {
+        segment: Duration::from_secs(3),
+        spool: tmp("spool"),
+        ..Default::default()
+    };
+    let room = server.sfu().room("recorded").unwrap();
+    let rec = confer_recorder::start(room, "H.264".into(), store.clone(), settings);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let manifest = rec.stop().await.unwrap();
+
+    let file = store_dir.join(store::key("recorded", &manifest.id, store::MEDIA));
+    let (streams, duration) = probe(&file);
+    assert_eq!(streams, ["video:vp8", "audio:opus"]);
+    decodes_cleanly(&file);
+    // Ann's 320×240 picture, not the 640×360 placeholder, nearly throughout
+    // (across segments, so keyframes were made at each boundary).
+    let sizes = frame_sizes(&file);
+    let ann = sizes.iter().filter(|s| *s == "320,240").count();
+    assert!(
+        ann as f64 >= (duration - 1.5) * 25.0,
+        "{ann} frames of Ann's video in {duration:.1} s: {:?}",
+        &sizes[..sizes.len().min(10)]
+    );
+    assert!(tone(&pcm(&file), 440.0) > 1000.0, "Ann not heard");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
