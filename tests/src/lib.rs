@@ -183,8 +183,7 @@ impl TestServer {
         config.split.sfu_nodes = nodes.iter().map(|n| n.url.clone()).collect();
         config.split.secret = Some(SPLIT_SECRET.into());
         config.recording.recorders = confer_signaling::config::RecorderMode::Remote;
-        config.recording.recorder_secret =
-            Some("a-recorder-secret-of-32-characters-or-more".into());
+        config.recording.recorder_secret = Some(RECORDER_SECRET.into());
         adjust(&mut config);
         let remote = Nodes::connect(config.split.sfu_nodes.clone(), SPLIT_SECRET.into());
         let state = AppState::with_media(config, Rooms::Remote(remote.clone()))
@@ -216,6 +215,40 @@ impl TestServer {
             Rooms::Local(_) => panic!("this test server runs its own SFU"),
         }
     }
+}
+
+/// The secret test recorder processes connect with.
+pub const RECORDER_SECRET: &str = "a recorder secret of 32 characters!";
+
+/// A recorder process's work loop for `server`, storing into `store_dir`,
+/// with its spool in `spool` and segments of `segment_secs`; and the
+/// sender that shuts it down.
+pub fn recorder_worker(
+    server: &TestServer,
+    store_dir: &std::path::Path,
+    spool: &std::path::Path,
+    segment_secs: u64,
+) -> (
+    impl std::future::Future<Output = ()> + Send + 'static,
+    tokio::sync::watch::Sender<bool>,
+) {
+    use confer_recorder::worker::{self, WorkerSettings};
+    let settings = WorkerSettings {
+        signaling: format!("http://{}", server.addr),
+        secret: RECORDER_SECRET.into(),
+        name: "test-recorder".into(),
+        capacity: 2,
+        bind: "127.0.0.1".parse().unwrap(),
+    };
+    let recording = confer_recorder::recording::Settings {
+        segment: Duration::from_secs(segment_secs),
+        spool: spool.to_owned(),
+        ..Default::default()
+    };
+    let store: Arc<dyn confer_recorder::Store> =
+        Arc::new(confer_recorder::LocalStore::new(store_dir.to_owned()));
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    (worker::run(settings, store, recording, stopping), stop)
 }
 
 /// Claims for user `user-{name}`, role participant, valid ten minutes.

@@ -5,7 +5,8 @@
 use confer_recorder::recording::Settings;
 use confer_recorder::store::{self, LocalStore, Store};
 use confer_tests::{
-    Client, Kind, RealMedia, TestServer, h264_test_frames, init_logging, vp8_test_frames,
+    Client, Kind, RECORDER_SECRET, RealMedia, TestServer, h264_test_frames, init_logging,
+    recorder_worker, vp8_test_frames,
 };
 use std::path::Path;
 use std::process::Command;
@@ -543,8 +544,6 @@ async fn shutting_down_stores_the_recording_in_progress() {
     assert!(!recordings.is_recording("recorded"));
 }
 
-const RECORDER_SECRET: &str = "a recorder secret of 32 characters!";
-
 /// Signaling that leaves recording to recorder processes, which store into
 /// the directory it lists from.
 fn remote_recording(c: &mut confer_signaling::Config, store_dir: &Path) {
@@ -556,36 +555,6 @@ fn remote_recording(c: &mut confer_signaling::Config, store_dir: &Path) {
 }
 
 const ADMIN_SECRET: &str = "an admin secret, 32 characters..";
-
-/// A recorder process's work loop for `server`, storing into `store_dir`,
-/// with its spool in `spool` and segments of `segment_secs`; and the
-/// sender that shuts it down.
-fn recorder_worker(
-    server: &TestServer,
-    store_dir: &Path,
-    spool: &Path,
-    segment_secs: u64,
-) -> (
-    impl std::future::Future<Output = ()> + Send + 'static,
-    tokio::sync::watch::Sender<bool>,
-) {
-    use confer_recorder::worker::{self, WorkerSettings};
-    let settings = WorkerSettings {
-        signaling: format!("http://{}", server.addr),
-        secret: RECORDER_SECRET.into(),
-        name: "test-recorder".into(),
-        capacity: 2,
-        bind: "127.0.0.1".parse().unwrap(),
-    };
-    let recording = Settings {
-        segment: Duration::from_secs(segment_secs),
-        spool: spool.to_owned(),
-        ..Default::default()
-    };
-    let store: Arc<dyn Store> = Arc::new(LocalStore::new(store_dir.to_owned()));
-    let (stop, stopping) = tokio::sync::watch::channel(false);
-    (worker::run(settings, store, recording, stopping), stop)
-}
 
 async fn recorder_connected(server: &TestServer) {
     let remote = server.state.recordings.remote.clone().unwrap();

@@ -4,7 +4,7 @@
 //! and moderators reach rooms wherever they are; and a node that dies
 //! takes only its own rooms, which open again on the node that is left.
 
-use confer_tests::{Client, Kind, Signal, TestNode, TestServer, init_logging};
+use confer_tests::{Client, Kind, Signal, TestNode, TestServer, init_logging, recorder_worker};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -223,4 +223,72 @@ async fn a_lost_sfu_node_takes_only_its_rooms_which_open_again_elsewhere() {
     let mut rooms = rooms_on(&left);
     rooms.sort();
     assert_eq!(rooms, ["doomed", "safe"]);
+}
+
+/// Recording in a split deployment: a recorder process joins the room on
+/// its node through signaling, and the room hears of the recording through
+/// its node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorder_process_records_a_room_on_an_sfu_node() {
+    init_logging();
+    let node = TestNode::start().unwrap();
+    let store_dir =
+        std::env::temp_dir().join(format!("confer-split-{:016x}", rand::random::<u64>()));
+    let dir = store_dir.clone();
+    let server = TestServer::start_split(&[&node], move |c| c.recording.local_dir = Some(dir))
+        .await
+        .unwrap();
+    // The recorder stores where signaling lists from.
+    let spool = store_dir.join("spool");
+    let (run, _stop) = recorder_worker(&server, &store_dir, &spool, 3);
+    let recorder = tokio::spawn(run);
+    let recordings = server.state.recordings.clone();
+    until("the recorder connected", Duration::from_secs(10), || {
+        recordings.remote.as_ref().unwrap().count() == 1
+    })
+    .await;
+
+    let ann = Client::join(&server, "ann", "taped", 1, true)
+        .await
+        .unwrap();
+    let bo = Client::join(&server, "bo", "taped", 2, true).await.unwrap();
+    until("media", Duration::from_secs(30), || {
+        media_both_ways(&ann, &bo, 30)
+    })
+    .await;
+    let id = recordings.start("taped", "Taped", "user-ann").unwrap();
+    until(
+        "the room told it is recorded",
+        Duration::from_secs(10),
+        || bo.saw(|e| e["type"] == "recording" && e["state"] == "started"),
+    )
+    .await;
+    until(
+        "the recorder in the room on the node",
+        Duration::from_secs(10),
+        || {
+            node.sfu
+                .room("taped")
+                .is_some_and(|r| r.summary().participants.len() == 3)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    recordings.stop("taped", "stopped by a moderator").unwrap();
+    until("the recording available", Duration::from_secs(30), || {
+        ann.saw(|e| {
+            e["type"] == "recording"
+                && e["state"] == "available"
+                && e["recording_id"] == id.as_str()
+        })
+    })
+    .await;
+    let list = recordings.list("taped").await.unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert!(list[0].duration_ms >= 3000, "{:?}", list[0]);
+    // Hidden from the participants, as with one process.
+    assert!(
+        !ann.saw(|e| e["type"] == "participant_joined" && e["participant"]["role"] == "recorder")
+    );
+    recorder.abort();
 }
