@@ -4,7 +4,7 @@
 //! transcoded, so the cost is one decoder and one encoder per recording at
 //! most, paid while an H.264 publisher is on screen.
 
-use crate::mux::{MuxError, ctx, init};
+use crate::mux::{MuxError, ctx, init, vp8_encoder};
 use crate::vp8;
 use ffmpeg::util::format::Pixel;
 use ffmpeg_next as ffmpeg;
@@ -93,7 +93,7 @@ impl Transcoder {
             .as_ref()
             .is_none_or(|(_, ew, eh)| (*ew, *eh) != (w, h))
         {
-            self.encoder = Some((open_vp8(w, h)?, w, h));
+            self.encoder = Some((vp8_encoder(w, h, BIT_RATE)?, w, h));
             self.force_keyframe = true;
         }
         let (encoder, _, _) = self.encoder.as_mut().expect("opened above");
@@ -121,38 +121,6 @@ impl Transcoder {
         }
         Ok(())
     }
-}
-
-fn open_vp8(w: u32, h: u32) -> Result<ffmpeg::encoder::Video, MuxError> {
-    let codec = ffmpeg::encoder::find(ffmpeg::codec::Id::VP8).ok_or_else(|| {
-        MuxError::new(
-            "no VP8 encoder in this FFmpeg",
-            ffmpeg::Error::EncoderNotFound,
-        )
-    })?;
-    let mut enc = ctx(
-        ffmpeg::codec::context::Context::new_with_codec(codec)
-            .encoder()
-            .video(),
-        "VP8 encoder",
-    )?;
-    enc.set_width(w);
-    enc.set_height(h);
-    enc.set_format(Pixel::YUV420P);
-    enc.set_time_base((1, 1000));
-    enc.set_bit_rate(BIT_RATE);
-    enc.set_max_b_frames(0);
-    // Keyframes come when asked for (segments, switches), and at least
-    // every 10 s so that a seek never has far to go.
-    enc.set_gop(300);
-    let mut options = ffmpeg::Dictionary::new();
-    // Realtime, fastest, no look-ahead: a frame in, a frame out. At 640×480
-    // and 30 fps, decoding and encoding take 5.8 CPU-s per minute (8.7 with
-    // cpu-used 8, for no visible gain at this bit rate).
-    options.set("deadline", "realtime");
-    options.set("cpu-used", "16");
-    options.set("lag-in-frames", "0");
-    ctx(enc.open_as_with(codec, options), "open VP8 encoder")
 }
 
 #[cfg(test)]

@@ -292,12 +292,7 @@ impl Media {
     ) -> Result<(), RoomError> {
         match self {
             Media::Local(sfu) => {
-                let r = sfu
-                    .room(room)
-                    .ok_or_else(|| RoomError::NoRoom(room.into()))?;
-                if r.participant(participant).is_none() {
-                    return Err(RoomError::NoParticipant(participant.into()));
-                }
+                let (r, _) = find_local(sfu, room, participant)?;
                 r.leave(participant, reason).await;
                 Ok(())
             }
@@ -314,13 +309,7 @@ impl Media {
     ) -> Result<(), RoomError> {
         match self {
             Media::Local(sfu) => {
-                let r = sfu
-                    .room(room)
-                    .ok_or_else(|| RoomError::NoRoom(room.into()))?;
-                let p = r
-                    .participant(participant)
-                    .ok_or_else(|| RoomError::NoParticipant(participant.into()))?;
-                p.force_mute(by);
+                find_local(sfu, room, participant)?.1.force_mute(by);
                 Ok(())
             }
             Media::Remote(nodes) => nodes.force_mute(room, participant, by).await,
@@ -338,6 +327,21 @@ impl Media {
             Media::Remote(nodes) => nodes.announce(room, what),
         }
     }
+}
+
+/// A participant of a room of this process's SFU.
+pub fn find_local(
+    sfu: &Sfu,
+    room: &str,
+    participant: &str,
+) -> Result<(Arc<Room>, Arc<Participant>), RoomError> {
+    let r = sfu
+        .room(room)
+        .ok_or_else(|| RoomError::NoRoom(room.into()))?;
+    let p = r
+        .participant(participant)
+        .ok_or_else(|| RoomError::NoParticipant(participant.into()))?;
+    Ok((r, p))
 }
 
 pub fn announce_local(room: &Room, what: Announcement) {

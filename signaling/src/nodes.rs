@@ -401,21 +401,8 @@ impl Nodes {
         participant: &str,
         reason: &str,
     ) -> Result<(), RoomError> {
-        let i = self.node_of(room)?;
-        let path = format!(
-            "rooms/{}/participants/{}/remove",
-            segment(room),
-            segment(participant)
-        );
-        self.call(
-            i,
-            reqwest::Method::POST,
-            &path,
-            Some(json!({ "reason": reason })),
-        )
-        .await
-        .map_err(|e| named(e, room, participant))?;
-        Ok(())
+        self.on_participant(room, participant, "remove", json!({ "reason": reason }))
+            .await
     }
 
     pub async fn force_mute(
@@ -424,13 +411,24 @@ impl Nodes {
         participant: &str,
         by: &str,
     ) -> Result<(), RoomError> {
+        self.on_participant(room, participant, "mute", json!({ "by": by }))
+            .await
+    }
+
+    async fn on_participant(
+        &self,
+        room: &str,
+        participant: &str,
+        action: &str,
+        body: serde_json::Value,
+    ) -> Result<(), RoomError> {
         let i = self.node_of(room)?;
         let path = format!(
-            "rooms/{}/participants/{}/mute",
+            "rooms/{}/participants/{}/{action}",
             segment(room),
             segment(participant)
         );
-        self.call(i, reqwest::Method::POST, &path, Some(json!({ "by": by })))
+        self.call(i, reqwest::Method::POST, &path, Some(body))
             .await
             .map_err(|e| named(e, room, participant))?;
         Ok(())

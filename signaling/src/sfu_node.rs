@@ -3,7 +3,7 @@
 //! HTTP and WebSocket API here (`docs/sfu-nodes.md`), with a shared bearer
 //! secret. It never sees a token, a schedule or a browser's socket.
 
-use crate::media::{self, Announcement, JoinAnswer, ToNode};
+use crate::media::{self, Announcement, JoinAnswer, RoomError, ToNode};
 use crate::protocol::{ErrorCode, MAX_SDP_MESSAGE_BYTES, ServerMessage};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
@@ -108,11 +108,7 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
 }
 
 fn no_room(room: &str) -> Response {
-    error(
-        StatusCode::NOT_FOUND,
-        "no_such_room",
-        format!("no room {room:?}"),
-    )
+    not_found(RoomError::NoRoom(room.to_owned()))
 }
 
 async fn rooms(State(node): State<Node>) -> Response {
@@ -156,22 +152,13 @@ async fn remove(
     Path((room, id)): Path<(String, String)>,
     Json(Reason { reason }): Json<Reason>,
 ) -> Response {
-    let Some(r) = node.sfu.room(&room) else {
-        return no_room(&room);
-    };
-    if r.participant(&id).is_none() {
-        return no_participant(&id);
+    match media::find_local(&node.sfu, &room, &id) {
+        Ok((r, _)) => {
+            r.leave(&id, &reason).await;
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => not_found(e),
     }
-    r.leave(&id, &reason).await;
-    StatusCode::NO_CONTENT.into_response()
-}
-
-fn no_participant(id: &str) -> Response {
-    error(
-        StatusCode::NOT_FOUND,
-        "no_such_participant",
-        format!("no participant {id:?} in this room"),
-    )
 }
 
 async fn mute(
@@ -179,16 +166,21 @@ async fn mute(
     Path((room, id)): Path<(String, String)>,
     Json(By { by }): Json<By>,
 ) -> Response {
-    let Some(r) = node.sfu.room(&room) else {
-        return no_room(&room);
-    };
-    match r.participant(&id) {
-        Some(p) => {
+    match media::find_local(&node.sfu, &room, &id) {
+        Ok((_, p)) => {
             p.force_mute(&by);
             StatusCode::NO_CONTENT.into_response()
         }
-        None => no_participant(&id),
+        Err(e) => not_found(e),
     }
+}
+
+fn not_found(e: RoomError) -> Response {
+    let code = match e {
+        RoomError::NoParticipant(_) => "no_such_participant",
+        _ => "no_such_room",
+    };
+    error(StatusCode::NOT_FOUND, code, e.to_string())
 }
 
 /// Room lifecycle for signaling: a [`Snapshot`], then every

@@ -61,15 +61,16 @@ async fn rooms_spread_over_sfu_nodes_and_are_driven_from_signaling() {
     // The admin API lists the rooms of both nodes, and acts on them.
     let http = reqwest::Client::new();
     let api = format!("http://{}/api/admin", server.addr);
-    let rooms: Value = http
-        .get(format!("{api}/rooms"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin = |method: reqwest::Method, path: &str| {
+        http.request(method, format!("{api}{path}"))
+            .bearer_auth(ADMIN)
+            .send()
+    };
+    let get = |path: &'static str| {
+        let sent = admin(reqwest::Method::GET, path);
+        async move { sent.await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let rooms = get("/rooms").await;
     let ids: Vec<&str> = rooms["rooms"]
         .as_array()
         .unwrap()
@@ -77,34 +78,16 @@ async fn rooms_spread_over_sfu_nodes_and_are_driven_from_signaling() {
         .map(|r| r["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["east", "west"]);
-    let west: Value = http
-        .get(format!("{api}/rooms/west"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let west = get("/rooms/west").await;
     assert_eq!(west["participants"].as_array().unwrap().len(), 2, "{west}");
-    let r = http
-        .delete(format!("{api}/rooms/west/participants/nobody"))
-        .bearer_auth(ADMIN)
-        .send()
+    let r = admin(reqwest::Method::DELETE, "/rooms/west/participants/nobody")
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "no_such_participant", "{body}");
-    let r = http
-        .delete(format!(
-            "{api}/rooms/west/participants/{}",
-            di.participant_id
-        ))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap();
+    let path = format!("/rooms/west/participants/{}", di.participant_id);
+    let r = admin(reqwest::Method::DELETE, &path).await.unwrap();
     assert_eq!(r.status(), 204);
     until("di removed and cy told", Duration::from_secs(10), || {
         di.saw(|e| e["type"] == "removed")
@@ -133,12 +116,7 @@ async fn rooms_spread_over_sfu_nodes_and_are_driven_from_signaling() {
         bo.saw(|e| e["type"] == "participant_left")
     })
     .await;
-    let r = http
-        .delete(format!("{api}/rooms/west"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap();
+    let r = admin(reqwest::Method::DELETE, "/rooms/west").await.unwrap();
     assert_eq!(r.status(), 204);
     until(
         "cy removed as the room closed",
