@@ -54,11 +54,19 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+/// Our WebSockets carry small JSON messages (SDP at most 1 MB), one at a
+/// time: axum's default 128 KiB read buffer per socket was a tenth of the
+/// memory a participant costs (heaptrack, loadtest meeting-10).
+pub(crate) fn sized(upgrade: WebSocketUpgrade) -> WebSocketUpgrade {
     upgrade
         .max_message_size(WS_FRAME_LIMIT)
         .max_frame_size(WS_FRAME_LIMIT)
-        .on_upgrade(move |socket| session::run(socket, state))
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(8 * 1024)
+}
+
+async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+    sized(upgrade).on_upgrade(move |socket| session::run(socket, state))
 }
 
 /// A recorder process connecting (`docs/recording.md`).
@@ -78,10 +86,7 @@ async fn recorders(
     if let Some(refused) = check_bearer(&headers, secret, "recorder") {
         return refused;
     }
-    upgrade
-        .max_message_size(WS_FRAME_LIMIT)
-        .max_frame_size(WS_FRAME_LIMIT)
-        .on_upgrade(move |socket| remote.serve(socket))
+    sized(upgrade).on_upgrade(move |socket| remote.serve(socket))
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -4,7 +4,7 @@
 //! secret. It never sees a token, a schedule or a browser's socket.
 
 use crate::media::{self, Announcement, JoinAnswer, RoomError, ToNode};
-use crate::protocol::{ErrorCode, MAX_SDP_MESSAGE_BYTES, ServerMessage};
+use crate::protocol::{ErrorCode, ServerMessage};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -186,7 +186,7 @@ fn not_found(e: RoomError) -> Response {
 /// Room lifecycle for signaling: a [`Snapshot`], then every
 /// [`confer_sfu::Lifecycle`] event. One signaling service at a time.
 async fn events(State(node): State<Node>, upgrade: WebSocketUpgrade) -> Response {
-    upgrade.on_upgrade(move |socket| async move {
+    crate::http::sized(upgrade).on_upgrade(move |socket| async move {
         // Observe first, so nothing falls between the snapshot and the events.
         let mut lifecycle = node.sfu.observe();
         let snapshot = Snapshot {
@@ -236,9 +236,7 @@ async fn events(State(node): State<Node>, upgrade: WebSocketUpgrade) -> Response
 /// and [`ServerMessage`]s the other. The socket closing removes the
 /// participant.
 async fn session(State(node): State<Node>, upgrade: WebSocketUpgrade) -> Response {
-    upgrade
-        .max_message_size(MAX_SDP_MESSAGE_BYTES)
-        .on_upgrade(move |socket| run_session(node.sfu, socket))
+    crate::http::sized(upgrade).on_upgrade(move |socket| run_session(node.sfu, socket))
 }
 
 async fn run_session(sfu: Arc<Sfu>, socket: WebSocket) {
