@@ -5,8 +5,11 @@
 //! takes only its own rooms, which open again on the node that is left.
 
 use confer_tests::{Client, Kind, Signal, TestNode, TestServer, init_logging, recorder_worker};
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const ADMIN: &str = "an-admin-secret-for-tests";
 
@@ -269,4 +272,66 @@ async fn a_recorder_process_records_a_room_on_an_sfu_node() {
         !ann.saw(|e| e["type"] == "participant_joined" && e["participant"]["role"] == "recorder")
     );
     recorder.abort();
+}
+
+/// The node API answers only signaling: a wrong or missing secret is
+/// refused, as are requests for rooms it does not hold and bad bodies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sfu_node_refuses_whoever_lacks_the_secret() {
+    init_logging();
+    let node = TestNode::start().unwrap();
+    let http = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: &str, secret: Option<&str>| {
+        let mut r = http.request(method, format!("{}/sfu/v1/{path}", node.url));
+        if let Some(s) = secret {
+            r = r.bearer_auth(s);
+        }
+        r
+    };
+    for secret in [None, Some("a-wrong-secret-of-enough-characters-here")] {
+        let r = call(reqwest::Method::GET, "rooms", secret)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unauthorized", "{body}");
+    }
+    let secret = Some(confer_tests::SPLIT_SECRET);
+    let r = call(reqwest::Method::POST, "rooms/nowhere/close", secret)
+        .json(&json!({ "reason": "test" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "no_such_room", "{body}");
+    let r = call(reqwest::Method::POST, "rooms/nowhere/announce", secret)
+        .json(&json!({ "type": "fireworks" }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_client_error(), "{}", r.status());
+    // A session socket that does not start with a join is closed.
+    let mut request = format!("{}/sfu/v1/session", node.url.replacen("http", "ws", 1))
+        .into_client_request()
+        .unwrap();
+    let auth = format!("Bearer {}", confer_tests::SPLIT_SECRET);
+    request
+        .headers_mut()
+        .insert("authorization", auth.parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    socket
+        .send(Message::Text(r#"{"type":"offer","sdp":"v=0"}"#.into()))
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), socket.next()).await;
+    assert!(
+        matches!(
+            next,
+            Ok(None) | Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_)))
+        ),
+        "{next:?}"
+    );
+    assert!(node.sfu.rooms().is_empty());
 }
