@@ -40,19 +40,34 @@ enum Command {
     /// Record meetings for a signaling server elsewhere
     /// (`recording.recorders = "remote"` there; see docs/recording.md).
     Recorder(Common),
-    /// Load and validate the configuration, print it, and exit.
-    CheckConfig(Common),
+    /// Load and validate the configuration for a role, print it, and exit.
+    CheckConfig {
+        #[command(flatten)]
+        common: Common,
+        /// The role to check it for: each validates the keys it uses.
+        #[arg(long, value_enum, default_value = "serve")]
+        role: Role,
+    },
 }
 
-fn load(c: &Common) -> anyhow::Result<Config> {
-    finish(c, Config::load(c.config.as_deref(), std::env::vars())?)
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Role {
+    Serve,
+    Signaling,
+    Sfu,
+    Recorder,
 }
 
-fn load_recorder(c: &Common) -> anyhow::Result<Config> {
-    finish(
-        c,
-        Config::load_recorder(c.config.as_deref(), std::env::vars())?,
-    )
+/// The configuration as `role` validates it.
+fn load(c: &Common, role: Role) -> anyhow::Result<Config> {
+    let (path, env) = (c.config.as_deref(), std::env::vars());
+    let cfg = match role {
+        Role::Serve => Config::load(path, env)?,
+        Role::Signaling => Config::load_signaling(path, env)?,
+        Role::Sfu => Config::load_sfu_node(path, env)?,
+        Role::Recorder => Config::load_recorder(path, env)?,
+    };
+    finish(c, cfg)
 }
 
 /// Command-line flags over the file and environment.
@@ -77,15 +92,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(c) => {
-            let cfg = load(&c)?;
+            let cfg = load(&c, Role::Serve)?;
             let state = AppState::new(cfg.clone()).map_err(anyhow::Error::msg)?;
             serve(cfg, state).await
         }
         Command::Signaling(c) => {
-            let cfg = finish(
-                &c,
-                Config::load_signaling(c.config.as_deref(), std::env::vars())?,
-            )?;
+            let cfg = load(&c, Role::Signaling)?;
             let split = &cfg.split;
             let nodes = confer_signaling::nodes::Nodes::connect(
                 split.sfu_nodes.clone(),
@@ -95,16 +107,10 @@ async fn main() -> anyhow::Result<()> {
             let state = AppState::with_media(cfg.clone(), media).map_err(anyhow::Error::msg)?;
             serve(cfg, state).await
         }
-        Command::Sfu(c) => {
-            sfu_node(finish(
-                &c,
-                Config::load_sfu_node(c.config.as_deref(), std::env::vars())?,
-            )?)
-            .await
-        }
-        Command::Recorder(c) => recorder(load_recorder(&c)?).await,
-        Command::CheckConfig(c) => {
-            let cfg = load(&c)?;
+        Command::Sfu(c) => sfu_node(load(&c, Role::Sfu)?).await,
+        Command::Recorder(c) => recorder(load(&c, Role::Recorder)?).await,
+        Command::CheckConfig { common, role } => {
+            let cfg = load(&common, role)?;
             println!(
                 "configuration is valid: listen {}, data_dir {}, demo mode {}",
                 cfg.listen,

@@ -102,6 +102,20 @@ async fn authorise(
     }
 }
 
+/// A JSON body; a bad one is refused in the API's error form.
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(e) => Err(error(StatusCode::BAD_REQUEST, "bad_request", e.body_text())),
+        }
+    }
+}
+
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let body = json!({ "error": { "code": code, "message": message.into() } });
     (status, Json(body)).into_response()
@@ -125,7 +139,7 @@ async fn room(State(node): State<Node>, Path(room): Path<String>) -> Response {
 async fn close(
     State(node): State<Node>,
     Path(room): Path<String>,
-    Json(Reason { reason }): Json<Reason>,
+    Body(Reason { reason }): Body<Reason>,
 ) -> Response {
     match node.sfu.close_room(&room, &reason).await {
         true => StatusCode::NO_CONTENT.into_response(),
@@ -136,7 +150,7 @@ async fn close(
 async fn announce(
     State(node): State<Node>,
     Path(room): Path<String>,
-    Json(what): Json<Announcement>,
+    Body(what): Body<Announcement>,
 ) -> Response {
     match node.sfu.room(&room) {
         Some(r) => {
@@ -150,7 +164,7 @@ async fn announce(
 async fn remove(
     State(node): State<Node>,
     Path((room, id)): Path<(String, String)>,
-    Json(Reason { reason }): Json<Reason>,
+    Body(Reason { reason }): Body<Reason>,
 ) -> Response {
     match media::find_local(&node.sfu, &room, &id) {
         Ok((r, _)) => {
@@ -164,7 +178,7 @@ async fn remove(
 async fn mute(
     State(node): State<Node>,
     Path((room, id)): Path<(String, String)>,
-    Json(By { by }): Json<By>,
+    Body(By { by }): Body<By>,
 ) -> Response {
     match media::find_local(&node.sfu, &room, &id) {
         Ok((_, p)) => {

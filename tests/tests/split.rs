@@ -311,7 +311,9 @@ async fn an_sfu_node_refuses_whoever_lacks_the_secret() {
         .send()
         .await
         .unwrap();
-    assert!(r.status().is_client_error(), "{}", r.status());
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "bad_request", "{body}");
     // A session socket that does not start with a join is closed.
     let mut request = format!("{}/sfu/v1/session", node.url.replacen("http", "ws", 1))
         .into_client_request()
