@@ -1,12 +1,16 @@
 //! A published track and its receivers: the forwarding path.
 //!
-//! One task per published track reads the publisher's RTP and hands each
-//! packet to every receiver's queue with `try_send`, so a slow receiver loses
-//! its own packets (and recovers them by NACK) without holding up the others.
-//! One task per receiver rewrites and sends. The receiver list is swapped
-//! whole on change (`ArcSwap`), so the per-packet read takes no lock.
-//! With simulcast, a receiver is handed only the layer it is on and the one
-//! it is switching to (see [`crate::simulcast`]).
+//! One task per published track reads the publisher's RTP and, for each
+//! receiver, rewrites a copy and hands it to the receiver's peer connection
+//! without waiting: when that connection's queue is full the packet is
+//! dropped for that receiver alone (it asks again by NACK), so a slow
+//! receiver never holds up the others. No task sits between the publisher
+//! and the receivers' connections: a hop per packet per receiver was a
+//! measurable share of the forwarding cost (`loadtest/README.md`). The
+//! receiver list is swapped whole on change (`ArcSwap`), so the per-packet
+//! read takes no lock, and each receiver's rewrite state is locked only by
+//! this task. With simulcast, a receiver is handed only the layer it is on
+//! and the one it is switching to (see [`crate::simulcast`]).
 
 use crate::bandwidth::{self, Demand};
 use crate::forward::{AUDIO_LEVEL_URI, ExtensionMap, Rewriter, SilenceFilter, audio_level};
@@ -22,21 +26,14 @@ use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RtpCodecKind};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
-use tokio::sync::mpsc;
 use tracing::{debug, trace};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::rtp_transceiver::RtpSender;
-
-/// Packets queued per receiver before it starts losing them.
-const RECEIVER_QUEUE: usize = 512;
-/// A packet that waited longer than this for its receiver is dropped: under
-/// overload a receiver loses packets (and asks again or for a keyframe)
-/// rather than falling seconds behind. 512 audio packets would be 10 s.
-const MAX_QUEUE_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -96,8 +93,13 @@ pub struct Receiver {
     pub subscriber: String,
     pub local: Arc<TrackLocalStaticRTP>,
     pub sender: Arc<dyn RtpSender>,
-    queue: mpsc::Sender<Feed>,
+    track: Weak<Published>,
+    /// Its leg has been negotiated (its rewriter is being made or made).
     ready: AtomicBool,
+    /// What the forwarding task keeps for it between packets.
+    sending: Mutex<Sending>,
+    /// Asked for video again after being off: start over from a keyframe.
+    resume: AtomicBool,
     /// The simulcast layer it asked for (default: the largest).
     requested: AtomicU8,
     /// The largest layer its reception allows ([`simulcast::LossCeiling`]).
@@ -127,14 +129,16 @@ pub struct Reception {
     pub paused: bool,
 }
 
-enum Feed {
-    /// A packet, when it arrived from the publisher, and its layer.
-    Rtp(rtp::Packet, Instant, u8),
-    /// The receiver's leg is negotiated: learn its payload type and extension ids.
-    Negotiated,
-    /// The receiver asks for video again after `Quality::Off`: start over
-    /// from a keyframe.
-    Resumed,
+/// A receiver's forwarding state, locked only by the track's forwarding
+/// task once the rewriter is in place.
+#[derive(Default)]
+struct Sending {
+    /// None until its leg is negotiated: nothing is sent before.
+    rewriter: Option<Rewriter>,
+    selector: Selector,
+    /// When it last sent a packet, and whether it was paused since.
+    last_sent: Option<Instant>,
+    resumed: bool,
 }
 
 impl Published {
@@ -234,11 +238,8 @@ impl Published {
                         if layer != target && layer != r.current.load(Ordering::Relaxed) {
                             continue;
                         }
-                        if r.queue
-                            .try_send(Feed::Rtp(pkt.clone(), arrived, layer))
-                            .is_err()
-                        {
-                            trace!(subscriber = %r.subscriber, "receiver queue full, packet dropped");
+                        if let Some(out) = self.rewrite_for(r, &pkt, arrived, layer, target) {
+                            r.send(out);
                         }
                     }
                 }
@@ -295,13 +296,14 @@ impl Published {
         sender: Arc<dyn RtpSender>,
         out_ssrc: u32,
     ) -> Arc<Receiver> {
-        let (tx, rx) = mpsc::channel(RECEIVER_QUEUE);
         let r = Arc::new(Receiver {
             subscriber: subscriber.to_owned(),
             local,
             sender,
-            queue: tx,
+            track: Arc::downgrade(self),
             ready: AtomicBool::new(false),
+            sending: Mutex::default(),
+            resume: AtomicBool::new(false),
             requested: AtomicU8::new(simulcast::Quality::High.layer()),
             ceiling: AtomicU8::new(simulcast::Quality::High.layer()),
             allowed: AtomicU8::new(simulcast::Quality::High.layer()),
@@ -314,8 +316,72 @@ impl Published {
             list.push(r.clone());
             list
         });
-        tokio::spawn(send_loop(self.clone(), r.clone(), rx, out_ssrc));
         r
+    }
+
+    /// `pkt` rewritten for `r`, if it is to be sent to it now; `target` is
+    /// the layer `r` should be on.
+    fn rewrite_for(
+        self: &Arc<Self>,
+        r: &Receiver,
+        pkt: &rtp::Packet,
+        arrived: Instant,
+        layer: u8,
+        target: u8,
+    ) -> Option<rtp::Packet> {
+        let mut sending = r.sending.lock().unwrap();
+        let s = &mut *sending;
+        let rw = s.rewriter.as_mut()?;
+        if r.resume.swap(false, Ordering::AcqRel) {
+            s.resumed = true;
+            s.selector = Selector::default();
+            r.current.store(NO_LAYER, Ordering::Relaxed);
+            self.request_layer_keyframe(target);
+        }
+        if self.layers.is_simulcast() {
+            let mime = &self.codec.mime_type;
+            match s.selector.admit(layer, Some(target), || {
+                simulcast::starts_keyframe(mime, &pkt.payload)
+            }) {
+                Verdict::Forward => {}
+                Verdict::Switch => {
+                    debug!(subscriber = %r.subscriber, track = %self.info.id, layer, "simulcast layer switched");
+                    r.current.store(layer, Ordering::Relaxed);
+                }
+                Verdict::Drop => return None,
+                Verdict::NeedKeyframe => {
+                    self.request_layer_keyframe(layer);
+                    return None;
+                }
+            }
+        } else {
+            r.current.store(layer, Ordering::Relaxed);
+        }
+        if let Some(at) = s.last_sent.filter(|_| std::mem::take(&mut s.resumed)) {
+            let paused = arrived.saturating_duration_since(at);
+            let ticks = paused.as_micros() * u128::from(self.codec.clock_rate) / 1_000_000;
+            rw.resume(ticks.min(u128::from(u32::MAX / 2)) as u32);
+        }
+        let mut out = pkt.clone();
+        if !rw.rewrite(&mut out) {
+            return None;
+        }
+        s.last_sent = Some(arrived);
+        Some(out)
+    }
+
+    /// Once `r`'s leg is negotiated: learns its payload type and extension
+    /// ids, then starts sending it and listening to its feedback.
+    async fn start_sending(self: Arc<Self>, r: Arc<Receiver>) {
+        let Some(rewriter) = make_rewriter(&self, &r, r.out_ssrc).await else {
+            return;
+        };
+        r.sending.lock().unwrap().rewriter = Some(rewriter);
+        // The track is bound only now; before, poll() has nothing to wait on.
+        tokio::spawn(feedback_loop(self.clone(), r.clone()));
+        // A new receiver needs a keyframe to start decoding.
+        let flowing = self.layers.flowing(Instant::now());
+        self.request_layer_keyframe(r.target(flowing).unwrap_or(0));
     }
 
     pub(crate) fn remove_receiver(&self, subscriber: &str) -> Option<Arc<Receiver>> {
@@ -430,7 +496,24 @@ impl Receiver {
     /// from a keyframe.
     fn resume_if_on(&self, was_off: bool) {
         if was_off && !self.is_off() {
-            let _ = self.queue.try_send(Feed::Resumed);
+            self.resume.store(true, Ordering::Release);
+        }
+    }
+
+    /// Hands `pkt` to its peer connection if that has room now; otherwise
+    /// the packet is lost to this receiver alone, which asks for it again.
+    fn send(&self, pkt: rtp::Packet) {
+        // The write only queues the packet for the connection's driver, so
+        // it is ready at once unless that queue is full; polling it once
+        // and dropping it when pending gives up the packet, nothing else.
+        let mut write = self.local.write_rtp(pkt);
+        match write.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => {}
+            // Unbound: the receiver's connection is going away.
+            Poll::Ready(Err(_)) => {}
+            Poll::Pending => {
+                trace!(subscriber = %self.subscriber, "receiver's connection busy, packet dropped")
+            }
         }
     }
 
@@ -472,89 +555,12 @@ impl Receiver {
     }
 
     /// Called once the receiver's leg has been negotiated.
-    pub(crate) fn negotiated(&self) {
-        if !self.ready.swap(true, Ordering::AcqRel) {
-            let _ = self.queue.try_send(Feed::Negotiated);
+    pub(crate) fn negotiated(self: &Arc<Self>) {
+        if self.ready.swap(true, Ordering::AcqRel) {
+            return;
         }
-    }
-}
-
-async fn send_loop(
-    track: Arc<Published>,
-    r: Arc<Receiver>,
-    mut rx: mpsc::Receiver<Feed>,
-    out_ssrc: u32,
-) {
-    let mut rewriter: Option<Rewriter> = None;
-    let mut selector = Selector::default();
-    // When it last sent a packet, and whether it was paused since.
-    let mut last_sent: Option<Instant> = None;
-    let mut resumed = false;
-    while let Some(feed) = rx.recv().await {
-        match feed {
-            Feed::Negotiated => {
-                let first = rewriter.is_none();
-                rewriter = make_rewriter(&track, &r, out_ssrc).await;
-                if first && rewriter.is_some() {
-                    // The track is bound only now; before, poll() has nothing to wait on.
-                    tokio::spawn(feedback_loop(track.clone(), r.clone()));
-                }
-                if rewriter.is_some() {
-                    // A new receiver needs a keyframe to start decoding.
-                    let flowing = track.layers.flowing(Instant::now());
-                    track.request_layer_keyframe(r.target(flowing).unwrap_or(0));
-                }
-            }
-            Feed::Resumed => {
-                resumed = true;
-                selector = Selector::default();
-                r.current.store(NO_LAYER, Ordering::Relaxed);
-                let flowing = track.layers.flowing(Instant::now());
-                track.request_layer_keyframe(r.target(flowing).unwrap_or(0));
-            }
-            Feed::Rtp(mut pkt, arrived, layer) => {
-                let Some(rw) = rewriter.as_mut() else {
-                    continue;
-                };
-                if arrived.elapsed() > MAX_QUEUE_DELAY {
-                    // Sequence offsets are fixed per source, so the receiver
-                    // sees the gap and can ask for it.
-                    trace!(subscriber = %r.subscriber, "packet too late for its receiver, dropped");
-                    continue;
-                }
-                if track.layers.is_simulcast() {
-                    let target = r.target(track.layers.flowing(arrived));
-                    let mime = &track.codec.mime_type;
-                    match selector.admit(layer, target, || {
-                        simulcast::starts_keyframe(mime, &pkt.payload)
-                    }) {
-                        Verdict::Forward => {}
-                        Verdict::Switch => {
-                            debug!(subscriber = %r.subscriber, track = %track.info.id, layer, "simulcast layer switched");
-                            r.current.store(layer, Ordering::Relaxed);
-                        }
-                        Verdict::Drop => continue,
-                        Verdict::NeedKeyframe => {
-                            track.request_layer_keyframe(layer);
-                            continue;
-                        }
-                    }
-                } else {
-                    r.current.store(layer, Ordering::Relaxed);
-                }
-                if let Some(at) = last_sent.filter(|_| std::mem::take(&mut resumed)) {
-                    let paused = arrived.saturating_duration_since(at);
-                    let ticks = paused.as_micros() * u128::from(track.codec.clock_rate) / 1_000_000;
-                    rw.resume(ticks.min(u128::from(u32::MAX / 2)) as u32);
-                }
-                if rw.rewrite(&mut pkt) {
-                    if r.local.write_rtp(pkt).await.is_err() {
-                        // Unbound: the receiver's connection is going away.
-                        break;
-                    }
-                    last_sent = Some(arrived);
-                }
-            }
+        if let Some(track) = self.track.upgrade() {
+            tokio::spawn(track.start_sending(self.clone()));
         }
     }
 }
