@@ -22,6 +22,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use webrtc::media_stream::MediaStreamTrack;
@@ -89,7 +90,11 @@ struct Negotiation {
     /// The client has offered once; the SFU offers only after that.
     started: bool,
     awaiting_answer: bool,
+    /// A change waits for the next offer.
     pending: bool,
+    /// A task will make the next offer ([`OFFER_SETTLE`], [`MIN_OFFER_INTERVAL`]).
+    scheduled: bool,
+    last_offer: Option<Instant>,
     offers_made: u64,
     offers_answered: u64,
     /// Receivers on this connection, with the offer that carries them.
@@ -99,12 +104,24 @@ struct Negotiation {
     early_candidates: Vec<RTCIceCandidateInit>,
 }
 
+/// An offer waits this long for more changes to go with it: a client's
+/// audio and video arrive as two tracks, a moment apart, and one offer
+/// for both saves a round trip.
+const OFFER_SETTLE: Duration = Duration::from_millis(20);
+/// The SFU offers to a participant at most this often. Every offer carries
+/// an m-line per track the participant receives, so in a large room a join
+/// storm (an all-hands starting on the hour) would otherwise cost each of N
+/// participants an offer per join: O(N²) SDP work, each offer O(N) long.
+const MIN_OFFER_INTERVAL: Duration = Duration::from_millis(250);
+
 /// Most candidates kept while waiting for the first offer.
 const MAX_EARLY_CANDIDATES: usize = 64;
 
 pub struct Participant {
     pub id: String,
     pub info: ParticipantInfo,
+    /// Itself, for the task that makes its next offer.
+    me: Weak<Participant>,
     room: Weak<Room>,
     pc: Arc<dyn PeerConnection>,
     events: mpsc::UnboundedSender<PeerEvent>,
@@ -303,7 +320,8 @@ pub(crate) async fn connect(
             max: sfu.config.udp_port_max,
         }));
     };
-    let p = Arc::new(Participant {
+    let p = Arc::new_cyclic(|me| Participant {
+        me: me.clone(),
         id: new_id(),
         info,
         room: Arc::downgrade(room),
@@ -520,12 +538,38 @@ impl Participant {
             .map_err(|e| SfuError::BadCandidate(e.to_string()))
     }
 
+    /// Asks for an offer with what changed: made at once if it may be, else
+    /// by a task once the answer to the last one is in and the wait
+    /// between offers is over.
     async fn offer_locked(&self, n: &mut Negotiation) {
-        if !n.started || n.awaiting_answer {
-            n.pending = true;
+        n.pending = true;
+        if !n.started || n.awaiting_answer || n.scheduled {
+            return;
+        }
+        let now = Instant::now();
+        let at = n
+            .last_offer
+            .map_or(now, |last| last + MIN_OFFER_INTERVAL)
+            .max(now + OFFER_SETTLE);
+        n.scheduled = true;
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            let Some(me) = me.upgrade() else {
+                return;
+            };
+            let mut n = me.negotiation.lock().await;
+            n.scheduled = false;
+            me.offer_now(&mut n).await;
+        });
+    }
+
+    async fn offer_now(&self, n: &mut Negotiation) {
+        if !n.pending || !n.started || n.awaiting_answer || self.closed.load(Ordering::Acquire) {
             return;
         }
         n.pending = false;
+        n.last_offer = Some(Instant::now());
         let offer = match self.pc.create_offer(None).await {
             Ok(o) => o,
             Err(e) => {
