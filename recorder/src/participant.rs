@@ -226,6 +226,10 @@ async fn peer_connection(
             SettingEngineBuilder::new()
                 .with_include_loopback_candidate(bind.is_loopback())
                 .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+                // The SFU's first check often overtakes its trickled
+                // candidate; webrtc-rs would wait 1 s before nominating the
+                // peer-reflexive pair that check makes, delaying the start.
+                .with_prflx_acceptance_min_wait(Some(std::time::Duration::ZERO))
                 .build(),
         )
         .with_handler(Arc::new(handler))

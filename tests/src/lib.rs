@@ -746,6 +746,9 @@ impl Client {
             .with_setting_engine(
                 SettingEngineBuilder::new()
                     .with_include_loopback_candidate(true)
+                    // As browsers do: no 1 s wait before nominating a pair
+                    // found by the server's check overtaking its candidate.
+                    .with_prflx_acceptance_min_wait(Some(std::time::Duration::ZERO))
                     .build(),
             )
             .with_handler(handler)
