@@ -32,8 +32,8 @@ use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
     RTCBundlePolicy, RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceCandidateType,
-    RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription, Registry,
-    SettingEngineBuilder,
+    RTCIceGatheringState, RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription,
+    Registry, SettingEngineBuilder,
 };
 
 /// UDP ports handed to peer connections. A port goes back when its
@@ -122,6 +122,7 @@ pub struct Participant {
     pub info: ParticipantInfo,
     /// Itself, for the task that makes its next offer.
     me: Weak<Participant>,
+    candidates: Arc<FirstCandidates>,
     room: Weak<Room>,
     pc: Arc<dyn PeerConnection>,
     events: mpsc::UnboundedSender<PeerEvent>,
@@ -153,6 +154,26 @@ enum PcEvent {
 struct Handler {
     pc_events: mpsc::UnboundedSender<PcEvent>,
     events: mpsc::UnboundedSender<PeerEvent>,
+    candidates: Arc<FirstCandidates>,
+}
+
+/// How long the first answer waits for the SFU's own candidates. Gathering
+/// a host candidate on the connection's bound port takes a moment; a STUN
+/// or TURN server could take longer, and those candidates trickle.
+const GATHERING_WAIT: Duration = Duration::from_millis(200);
+
+/// The SFU's candidates go into its first answer, not only trickled after
+/// it. A client then knows the SFU's address before the SFU's first
+/// connectivity check reaches it; otherwise it first learns the SFU as a
+/// peer-reflexive candidate from that check, and pion- and webrtc-rs-based
+/// clients wait a second before they use such a pair. Candidates gathered
+/// before the answer is sent are held so they never overtake it.
+#[derive(Default)]
+struct FirstCandidates {
+    gathered: tokio::sync::Notify,
+    done: AtomicBool,
+    /// `Some` until the first answer is out.
+    held: Mutex<Option<Vec<RTCIceCandidateInit>>>,
 }
 
 #[async_trait::async_trait]
@@ -160,9 +181,20 @@ impl PeerConnectionEventHandler for Handler {
     async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
         match event.candidate.to_json() {
             Ok(init) => {
+                if let Some(held) = self.candidates.held.lock().unwrap().as_mut() {
+                    held.push(init);
+                    return;
+                }
                 let _ = self.events.send(PeerEvent::IceCandidate(init));
             }
             Err(e) => debug!("local candidate not serialisable: {e}"),
+        }
+    }
+
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            self.candidates.done.store(true, Ordering::Release);
+            self.candidates.gathered.notify_waiters();
         }
     }
 
@@ -282,6 +314,17 @@ async fn build_pc(
     Ok(Arc::new(pc))
 }
 
+impl FirstCandidates {
+    /// Until gathering is complete, or `limit` has passed.
+    async fn wait(&self, limit: Duration) {
+        let gathered = self.gathered.notified();
+        if self.done.load(Ordering::Acquire) {
+            return;
+        }
+        let _ = tokio::time::timeout(limit, gathered).await;
+    }
+}
+
 /// Builds a participant's peer connection on a free port and starts the task
 /// that reacts to its events.
 pub(crate) async fn connect(
@@ -291,9 +334,14 @@ pub(crate) async fn connect(
     events: mpsc::UnboundedSender<PeerEvent>,
 ) -> Result<Arc<Participant>, SfuError> {
     let (pc_tx, pc_rx) = mpsc::unbounded_channel();
+    let candidates = Arc::new(FirstCandidates {
+        held: Mutex::new(Some(Vec::new())),
+        ..Default::default()
+    });
     let handler = Arc::new(Handler {
         pc_events: pc_tx,
         events: events.clone(),
+        candidates: candidates.clone(),
     });
     let estimate = Estimate::default();
     let mut last_err = None;
@@ -322,6 +370,7 @@ pub(crate) async fn connect(
     };
     let p = Arc::new_cyclic(|me| Participant {
         me: me.clone(),
+        candidates,
         id: new_id(),
         info,
         room: Arc::downgrade(room),
@@ -473,6 +522,9 @@ impl Participant {
         }
         let answer = self.pc.create_answer(None).await?;
         self.pc.set_local_description(answer).await?;
+        if !n.started {
+            self.candidates.wait(GATHERING_WAIT).await;
+        }
         let sdp = self
             .pc
             .local_description()
@@ -480,6 +532,12 @@ impl Participant {
             .map(|d| d.sdp)
             .unwrap_or_default();
         self.send(PeerEvent::Answer(sdp));
+        if let Some(held) = self.candidates.held.lock().unwrap().take() {
+            // Most are in the answer already; a duplicate is harmless.
+            for c in held {
+                self.send(PeerEvent::IceCandidate(c));
+            }
+        }
         n.started = true;
         if n.pending {
             self.offer_locked(&mut n).await;

@@ -1,7 +1,7 @@
 //! Participants join a room over loopback with real WebRTC, publish audio
 //! and video, and receive everyone else's media intact and in order.
 
-use confer_tests::{Client, Kind, TestServer, check_payload, init_logging, verify_stream};
+use confer_tests::{Client, Kind, Signal, TestServer, check_payload, init_logging, verify_stream};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -304,4 +304,34 @@ async fn a_hidden_tile_gets_its_video_back_without_a_gap() {
         .max()
         .unwrap();
     assert!(widest <= 2, "a gap of {widest} sequence numbers");
+}
+
+/// The SFU's first answer carries its candidate, and no candidate comes
+/// before it: a client can check the SFU's address as soon as it has the
+/// answer. Otherwise it first learns the SFU from the SFU's own check, as
+/// a peer-reflexive candidate, which pion- and webrtc-rs-based clients wait
+/// a second before they nominate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_answer_carries_the_sfu_candidate() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    let sdp = confer_tests::recvonly_video_offer(1).await.unwrap();
+    let mut s = Signal::connect(&server.ws_url()).await.unwrap();
+    s.send(json!({"type": "join", "token": server.token("cand", "ann")}));
+    s.expect("joined", Duration::from_secs(10)).await.unwrap();
+    s.send(json!({"type": "offer", "sdp": sdp}));
+    let (before, answer) = s
+        .skipping_until("answer", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(
+        before.iter().all(|m| m["type"] != "candidate"),
+        "a candidate overtook the answer: {before:?}"
+    );
+    let sdp = answer["sdp"].as_str().unwrap();
+    let candidate = sdp.lines().find(|l| l.starts_with("a=candidate:"));
+    assert!(
+        candidate.is_some_and(|c| c.contains("127.0.0.1") && c.contains("typ host")),
+        "no host candidate in the answer:\n{sdp}"
+    );
 }
