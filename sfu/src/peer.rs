@@ -108,11 +108,22 @@ struct Negotiation {
 /// audio and video arrive as two tracks, a moment apart, and one offer
 /// for both saves a round trip.
 const OFFER_SETTLE: Duration = Duration::from_millis(20);
-/// The SFU offers to a participant at most this often. Every offer carries
-/// an m-line per track the participant receives, so in a large room a join
-/// storm (an all-hands starting on the hour) would otherwise cost each of N
-/// participants an offer per join: O(N²) SDP work, each offer O(N) long.
+/// The SFU offers to a participant at most every [`offer_interval`]. Every
+/// offer carries an m-line per track the participant receives, so in a
+/// large room a join storm (an all-hands starting on the hour) would
+/// otherwise cost each of N participants an offer per join: O(N²) offers,
+/// each O(N) long. The interval grows with the tracks received, so each
+/// participant's renegotiation work per second stays the same in any room.
 const MIN_OFFER_INTERVAL: Duration = Duration::from_millis(250);
+const OFFER_INTERVAL_PER_TRACK: Duration = Duration::from_millis(5);
+const MAX_OFFER_INTERVAL: Duration = Duration::from_secs(1);
+
+fn offer_interval(tracks_received: usize) -> Duration {
+    let tracks = u32::try_from(tracks_received).unwrap_or(u32::MAX);
+    OFFER_INTERVAL_PER_TRACK
+        .saturating_mul(tracks)
+        .clamp(MIN_OFFER_INTERVAL, MAX_OFFER_INTERVAL)
+}
 
 /// Most candidates kept while waiting for the first offer.
 const MAX_EARLY_CANDIDATES: usize = 64;
@@ -607,7 +618,7 @@ impl Participant {
         let now = Instant::now();
         let at = n
             .last_offer
-            .map_or(now, |last| last + MIN_OFFER_INTERVAL)
+            .map_or(now, |last| last + offer_interval(n.receivers.len()))
             .max(now + OFFER_SETTLE);
         n.scheduled = true;
         let me = self.me.clone();
@@ -771,5 +782,20 @@ impl Participant {
         if let Some(room) = self.room.upgrade() {
             room.leave(&self.id, reason).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offers_to_large_rooms_are_spaced_by_their_size() {
+        // A meeting of ten: as often as small rooms.
+        assert_eq!(offer_interval(18), Duration::from_millis(250));
+        // An all-hands of a hundred, audio only: twice as far apart.
+        assert_eq!(offer_interval(99), Duration::from_millis(495));
+        // Never more than a second between offers.
+        assert_eq!(offer_interval(100_000), Duration::from_secs(1));
     }
 }
