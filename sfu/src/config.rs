@@ -10,8 +10,15 @@ use std::time::Duration;
 pub struct SfuConfig {
     /// Address the media sockets bind to and offer as host candidates.
     pub ice_ip: IpAddr,
-    /// First and last UDP port for media. One port per participant for now;
-    /// 0..0 lets the OS pick (tests run several instances side by side).
+    /// Every participant's media on this one UDP port (`udp_mux`, the
+    /// default); 0 lets the OS pick one at start (tests run several
+    /// instances side by side).
+    pub udp_port: u16,
+    /// One port for all participants (`udp_port`), or, when false, a port
+    /// of its own for each from `udp_port_min..=udp_port_max`.
+    pub udp_mux: bool,
+    /// First and last UDP port for media when `udp_mux` is false;
+    /// 0..0 lets the OS pick.
     pub udp_port_min: u16,
     pub udp_port_max: u16,
     /// The public address in front of `ice_ip` on a 1:1 NAT (cloud hosts).
@@ -46,6 +53,8 @@ impl Default for SfuConfig {
     fn default() -> Self {
         SfuConfig {
             ice_ip: IpAddr::from([127, 0, 0, 1]),
+            udp_port: 50000,
+            udp_mux: true,
             udp_port_min: 50000,
             udp_port_max: 50999,
             public_ip: None,
@@ -81,10 +90,10 @@ impl SfuConfig {
                 "must be a concrete address (the one clients reach), not 0.0.0.0 or ::",
             );
         }
-        if self.udp_port_min > self.udp_port_max {
+        if !self.udp_mux && self.udp_port_min > self.udp_port_max {
             return bad("sfu.udp_port_min", "is above sfu.udp_port_max");
         }
-        if (self.udp_port_min == 0) != (self.udp_port_max == 0) {
+        if !self.udp_mux && (self.udp_port_min == 0) != (self.udp_port_max == 0) {
             return bad(
                 "sfu.udp_port_min",
                 "0 (any port) must be set for both udp_port_min and udp_port_max",
@@ -145,6 +154,7 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         let c = SfuConfig {
+            udp_mux: false,
             udp_port_min: 6000,
             udp_port_max: 5000,
             ..Default::default()

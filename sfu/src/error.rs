@@ -18,6 +18,11 @@ pub enum SfuError {
     BadCandidate(String),
     #[error("no free UDP port in {min}..={max}")]
     NoPort { min: u16, max: u16 },
+    #[error("sfu.udp_port: cannot bind {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("webrtc: {0}")]
     WebRtc(#[from] webrtc::error::Error),
 }

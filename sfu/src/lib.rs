@@ -13,6 +13,7 @@
 //! - [`bandwidth`]: each receiver's estimated downlink and the layers that fit.
 //! - [`keyframe`]: PLI/FIR relay, coalesced and rate-limited.
 //! - [`tap`]: a room's media as it arrives, for the recorder.
+//! - `mux`: every participant's media on one UDP port.
 //! - [`config`]: media-plane settings.
 //!
 //! The SFU knows nothing of tokens, schedules or WebSockets: signaling admits
@@ -23,6 +24,7 @@ pub mod config;
 mod error;
 pub mod forward;
 pub mod keyframe;
+mod mux;
 pub mod peer;
 pub mod room;
 pub mod simulcast;

@@ -10,6 +10,7 @@ use crate::bandwidth::{Backoff, Estimate, Reporting};
 use crate::config::SfuConfig;
 use crate::error::SfuError;
 use crate::keyframe::KeyframeRequestTap;
+use crate::mux::Endpoint;
 use crate::room::{ParticipantInfo, PeerEvent, Room, Sfu};
 use crate::track::{Published, Receiver, TrackKind};
 use rand::Rng;
@@ -136,6 +137,8 @@ pub struct Participant {
     candidates: Arc<FirstCandidates>,
     room: Weak<Room>,
     pc: Arc<dyn PeerConnection>,
+    /// Its share of the one media socket, under `udp_mux`.
+    endpoint: Option<Arc<Endpoint>>,
     events: mpsc::UnboundedSender<PeerEvent>,
     negotiation: tokio::sync::Mutex<Negotiation>,
     muted: Mutex<(bool, bool)>,
@@ -166,6 +169,7 @@ struct Handler {
     pc_events: mpsc::UnboundedSender<PcEvent>,
     events: mpsc::UnboundedSender<PeerEvent>,
     candidates: Arc<FirstCandidates>,
+    endpoint: Option<Arc<Endpoint>>,
 }
 
 /// How long the first answer waits for the SFU's own candidates. Gathering
@@ -191,7 +195,10 @@ struct FirstCandidates {
 impl PeerConnectionEventHandler for Handler {
     async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
         match event.candidate.to_json() {
-            Ok(init) => {
+            Ok(mut init) => {
+                if let Some(endpoint) = &self.endpoint {
+                    init.candidate = endpoint.public(&init.candidate);
+                }
                 if let Some(held) = self.candidates.held.lock().unwrap().as_mut() {
                     held.push(init);
                     return;
@@ -295,6 +302,7 @@ async fn build_pc(
     handler: Arc<Handler>,
     estimate: &Estimate,
 ) -> Result<Arc<dyn PeerConnection>, SfuError> {
+    let endpoint = handler.endpoint.clone();
     let estimate = config.bandwidth_estimation.then(|| estimate.clone());
     let (media_engine, registry) = media_engine(estimate)?;
     // No mDNS: a server has no use for .local names (a browser hiding behind
@@ -310,10 +318,20 @@ async fn build_pc(
     if let Some(public) = config.public_ip {
         settings = settings.with_nat_1to1_ips(vec![public.to_string()], RTCIceCandidateType::Host);
     }
+    if let Some(endpoint) = &endpoint {
+        // Known before the connection exists, so the mux can route its
+        // connectivity checks to it.
+        let (ufrag, pwd) = endpoint.credentials();
+        settings = settings.with_ice_credentials(ufrag, pwd);
+    }
     let rtc_config = RTCConfigurationBuilder::new()
         .with_bundle_policy(RTCBundlePolicy::MaxBundle)
         .build();
-    let pc = PeerConnectionBuilder::new()
+    let mut builder = PeerConnectionBuilder::new();
+    if let Some(runtime) = endpoint.as_ref().and_then(|e| e.runtime()) {
+        builder = builder.with_runtime(runtime);
+    }
+    let pc = builder
         .with_configuration(rtc_config)
         .with_media_engine(media_engine)
         .with_setting_engine(settings.build())
@@ -349,15 +367,31 @@ pub(crate) async fn connect(
         held: Mutex::new(Some(Vec::new())),
         ..Default::default()
     });
+    let endpoint = sfu.mux.as_ref().map(|m| m.endpoint());
     let handler = Arc::new(Handler {
         pc_events: pc_tx,
         events: events.clone(),
         candidates: candidates.clone(),
+        endpoint: endpoint.clone(),
     });
     let estimate = Estimate::default();
     let mut last_err = None;
     let mut built = None;
-    for _ in 0..sfu.ports.span().min(64) {
+    if endpoint.is_some() {
+        // The driver binds a port of its own, any one; the mux tells clients
+        // the shared port instead.
+        match build_pc(&sfu.config, 0, handler.clone(), &estimate).await {
+            Ok(pc) => built = Some((pc, 0)),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    // Else a port of its own from the range.
+    let attempts = if endpoint.is_some() {
+        0
+    } else {
+        sfu.ports.span().min(64)
+    };
+    for _ in 0..attempts {
         let Some(port) = sfu.ports.take() else { break };
         match build_pc(&sfu.config, port, handler.clone(), &estimate).await {
             Ok(pc) => {
@@ -386,6 +420,7 @@ pub(crate) async fn connect(
         info,
         room: Arc::downgrade(room),
         pc,
+        endpoint,
         events,
         negotiation: tokio::sync::Mutex::new(Negotiation::default()),
         muted: Mutex::new((false, false)),
@@ -542,7 +577,7 @@ impl Participant {
             .await
             .map(|d| d.sdp)
             .unwrap_or_default();
-        self.send(PeerEvent::Answer(sdp));
+        self.send(PeerEvent::Answer(self.public(sdp)));
         if let Some(held) = self.candidates.held.lock().unwrap().take() {
             // Most are in the answer already; a duplicate is harmless.
             for c in held {
@@ -658,7 +693,7 @@ impl Participant {
             .unwrap_or_default();
         n.offers_made += 1;
         n.awaiting_answer = true;
-        self.send(PeerEvent::Offer(sdp));
+        self.send(PeerEvent::Offer(self.public(sdp)));
     }
 
     /// Starts sending a published track to this participant.
@@ -760,6 +795,14 @@ impl Participant {
             }
         }
         out
+    }
+
+    /// A description as the client must see it (see [`Endpoint::public`]).
+    fn public(&self, sdp: String) -> String {
+        match &self.endpoint {
+            Some(endpoint) => endpoint.public(&sdp),
+            None => sdp,
+        }
     }
 
     pub(crate) async fn close(&self) {

@@ -3,12 +3,14 @@
 use crate::bandwidth::{self, Demand};
 use crate::config::SfuConfig;
 use crate::error::SfuError;
+use crate::mux::Mux;
 use crate::peer::{self, Participant, PortPool};
 use crate::simulcast;
 use crate::tap::{TAP_CAPACITY, TapSender, TapTrack, Tapped};
 use crate::track::{Published, Receiver, Reception, TrackInfo, TrackKind};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
@@ -184,6 +186,8 @@ pub struct Sfu {
     pub(crate) config: SfuConfig,
     rooms: Mutex<HashMap<String, Arc<Room>>>,
     pub(crate) ports: PortPool,
+    /// The one media socket, unless `udp_mux` is off.
+    pub(crate) mux: Option<Mux>,
     observer: Mutex<Option<mpsc::UnboundedSender<Lifecycle>>>,
 }
 
@@ -229,14 +233,30 @@ struct RoomInner {
 }
 
 impl Sfu {
-    pub fn new(config: SfuConfig) -> Arc<Sfu> {
+    /// Binds the media port (`udp_mux`); must run inside tokio.
+    pub fn new(config: SfuConfig) -> Result<Arc<Sfu>, SfuError> {
         let ports = PortPool::new(config.udp_port_min, config.udp_port_max);
-        Arc::new(Sfu {
+        let mux = if config.udp_mux {
+            let addr = SocketAddr::new(config.ice_ip, config.udp_port);
+            let mux = Mux::bind(addr).map_err(|source| SfuError::Bind { addr, source })?;
+            info!(addr = %mux.local_addr(), "media of every participant on one UDP port");
+            Some(mux)
+        } else {
+            None
+        };
+        Ok(Arc::new(Sfu {
             config,
             rooms: Mutex::new(HashMap::new()),
             ports,
+            mux,
             observer: Mutex::new(None),
-        })
+        }))
+    }
+
+    /// The UDP port all media uses, when `udp_mux` is on (the one bound,
+    /// if `udp_port` was 0).
+    pub fn media_port(&self) -> Option<u16> {
+        self.mux.as_ref().map(|m| m.local_addr().port())
     }
 
     /// Lifecycle events from now on. One observer; a second call replaces it.

@@ -796,6 +796,8 @@ mod tests {
                 ("CONFER_LISTEN", "127.0.0.1:9999"),
                 ("CONFER_SFU_UDP_PORT_MIN", "40000"),
                 ("CONFER_SFU_UDP_PORT_MAX", "40010"),
+                ("CONFER_SFU_UDP_PORT", "40100"),
+                ("CONFER_SFU_UDP_MUX", "false"),
                 ("CONFER_DATA_DIR", "/tmp/x"),
                 ("PATH", "/bin"),
             ]),
@@ -803,6 +805,8 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.listen.port(), 9999);
         assert_eq!(cfg.sfu.udp_port_min, 40000);
+        assert_eq!(cfg.sfu.udp_port, 40100);
+        assert!(!cfg.sfu.udp_mux);
         assert_eq!(cfg.data_dir, PathBuf::from("/tmp/x"));
         assert!(cfg.demo_mode());
     }

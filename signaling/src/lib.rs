@@ -65,7 +65,7 @@ impl AppState {
     /// Builds the services from a validated config, with the rooms in this
     /// process (`confer serve`).
     pub fn new(config: Config) -> Result<AppState, String> {
-        let sfu = Sfu::new(config.sfu.clone());
+        let sfu = Sfu::new(config.sfu.clone()).map_err(|e| e.to_string())?;
         AppState::with_media(config, Media::Local(sfu))
     }
 

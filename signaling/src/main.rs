@@ -159,7 +159,7 @@ async fn sfu_node(cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listen: cannot bind {listen}"))?;
     let addr = listener.local_addr()?;
-    let sfu = confer_sfu::Sfu::new(cfg.sfu.clone());
+    let sfu = confer_sfu::Sfu::new(cfg.sfu.clone())?;
     let secret = cfg.split.secret.clone().unwrap_or_default();
     tracing::info!(%addr, ice_ip = %cfg.sfu.ice_ip, "SFU node serving signaling on http://{addr}/");
     println!("confer sfu listening on http://{addr}/");

@@ -38,7 +38,7 @@ function keepLog(proc, name) {
 async function startConfer(extraEnv = {}, dataDir = mkdtempSync(join(tmpdir(), 'confer-browser-')), role = 'serve') {
   assert.ok(BIN, 'set TEST_CONFER_BIN to the confer binary');
   const proc = spawn(BIN, [role, '--listen', '127.0.0.1:0', '--data-dir', dataDir], {
-    env: { ...process.env, CONFER_SFU_UDP_PORT_MIN: '0', CONFER_SFU_UDP_PORT_MAX: '0', ...extraEnv },
+    env: { ...process.env, CONFER_SFU_UDP_PORT: '0', ...extraEnv },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   keepLog(proc, role === 'serve' ? 'confer' : role);

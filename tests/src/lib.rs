@@ -68,6 +68,7 @@ impl TestServer {
     /// media ports, a fresh data dir, the local schedule.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> anyhow::Result<TestServer> {
         let mut config = Config::load(None, std::iter::empty())?;
+        config.sfu.udp_port = 0;
         config.sfu.udp_port_min = 0;
         config.sfu.udp_port_max = 0;
         config.sfu.empty_room_grace = Duration::from_secs(1);
@@ -132,10 +133,10 @@ pub struct TestNode {
 impl TestNode {
     pub fn start() -> anyhow::Result<TestNode> {
         let mut config = Config::default();
+        config.sfu.udp_port = 0;
         config.sfu.udp_port_min = 0;
         config.sfu.udp_port_max = 0;
         config.sfu.empty_room_grace = Duration::from_secs(1);
-        let sfu = Sfu::new(config.sfu);
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let url = format!("http://{}", listener.local_addr()?);
@@ -143,6 +144,11 @@ impl TestNode {
             .worker_threads(1)
             .enable_all()
             .build()?;
+        // Its media socket belongs to the node's runtime, and goes with it.
+        let sfu = {
+            let _in_runtime = runtime.enter();
+            Sfu::new(config.sfu)?
+        };
         let app = confer_signaling::sfu_node::router(sfu.clone(), SPLIT_SECRET);
         runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("a listener");

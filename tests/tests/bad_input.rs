@@ -89,6 +89,26 @@ async fn bad_input_is_refused_and_the_meeting_keeps_flowing() {
     bad.send(json!({"type": "ping"}));
     bad.expect("pong", Duration::from_secs(5)).await.unwrap();
 
+    // Garbage at the shared media port from an address no participant
+    // uses: connectivity checks naming nobody, torn ones, RTP- and
+    // DTLS-looking bytes, and a flood of them.
+    let port = server.sfu().media_port().expect("one media port");
+    let junk = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut check = vec![0, 1, 0, 12, 0x21, 0x12, 0xA4, 0x42];
+    check.extend_from_slice(&[9; 12]);
+    check.extend_from_slice(&[0, 6, 0, 8]);
+    check.extend_from_slice(b"nobody:x");
+    for i in 0..3000usize {
+        let datagram = match i % 5 {
+            0 => check.clone(),
+            1 => check[..i % check.len()].to_vec(),
+            2 => vec![0x80; 1200],
+            3 => vec![22, 254, 253, 0, 0],
+            _ => (i as u32).to_be_bytes().repeat(100),
+        };
+        junk.send_to(&datagram, ("127.0.0.1", port)).await.unwrap();
+    }
+
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = (audio_from(&a, &b), audio_from(&b, &a));
     assert!(

@@ -69,6 +69,25 @@ async fn two_participants_exchange_audio_and_video() {
     );
 }
 
+/// With `udp_mux` off, each participant's media has a port of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_per_participant_still_works() {
+    init_logging();
+    let server = TestServer::start_with(|c| c.sfu.udp_mux = false)
+        .await
+        .unwrap();
+    assert_eq!(server.sfu().media_port(), None);
+    let a = Client::join(&server, "alice", "ports", 1, true)
+        .await
+        .unwrap();
+    let b = Client::join(&server, "bob", "ports", 2, true)
+        .await
+        .unwrap();
+    let clients = [a, b];
+    wait_for_media(&clients, 100, 60, Duration::from_secs(30)).await;
+    verify_all(&clients);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_participants_and_one_vanishes() {
     init_logging();
@@ -333,5 +352,16 @@ async fn the_first_answer_carries_the_sfu_candidate() {
     assert!(
         candidate.is_some_and(|c| c.contains("127.0.0.1") && c.contains("typ host")),
         "no host candidate in the answer:\n{sdp}"
+    );
+    // Every participant's media goes to the one shared port.
+    let port = server.sfu().media_port().unwrap().to_string();
+    let named: Vec<&str> = sdp
+        .lines()
+        .filter(|l| l.starts_with("a=candidate:"))
+        .map(|l| l.split(' ').nth(5).unwrap())
+        .collect();
+    assert!(
+        !named.is_empty() && named.iter().all(|p| *p == port),
+        "candidates name ports {named:?}, not the shared {port}:\n{sdp}"
     );
 }

@@ -1,0 +1,612 @@
+//! One UDP port for every participant's media (`sfu.udp_port`).
+//!
+//! webrtc's peer connections each bind and read a socket of their own. Here
+//! each connection gets a [`Runtime`] whose sockets are views of one shared
+//! socket. A reader task routes every datagram to its connection: by the
+//! sender's address once known, else by the ICE username of a STUN binding
+//! request, which starts with the SFU's ufrag for that connection. The SFU
+//! chooses those ufrags itself ([`Mux::endpoint`]), so it knows them before
+//! the connection exists. Sends go straight out of the shared socket.
+//!
+//! The driver still binds a socket of its own when it starts, and its
+//! candidates name that socket's port. That socket is closed at once, and
+//! [`Endpoint::public`] puts the shared port in its place in every
+//! description and candidate that goes to the client.
+
+use bytes::{Bytes, BytesMut};
+use rand::Rng;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+use tokio::net::UdpSocket;
+use tracing::{debug, trace, warn};
+use webrtc::runtime::{
+    AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, RecvMeta, Runtime,
+    Transmit,
+};
+
+/// Datagrams held for a connection whose driver has not read them yet;
+/// more are dropped, as a full socket buffer would.
+const INBOX: usize = 1024;
+/// Addresses one connection may receive from. A client checks a few
+/// candidate pairs; more than this is someone spraying STUN.
+const MAX_ADDRESSES: usize = 16;
+/// Largest datagram read; WebRTC keeps under 1500.
+const MAX_DATAGRAM: usize = 2048;
+/// The reader's receive buffer is carved into datagrams from blocks this large.
+const BLOCK: usize = 64 * 1024;
+/// Kernel buffers of the shared socket: it carries every participant.
+const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// The shared socket and its reader task; the task stops when this is dropped.
+pub(crate) struct Mux {
+    shared: Arc<Shared>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+struct Shared {
+    socket: UdpSocket,
+    local: SocketAddr,
+    routes: Mutex<Routes>,
+    dropped: AtomicU64,
+}
+
+#[derive(Default)]
+struct Routes {
+    by_ufrag: HashMap<String, Weak<Endpoint>>,
+    by_addr: HashMap<SocketAddr, Weak<Endpoint>>,
+}
+
+/// One peer connection's share of the socket.
+pub(crate) struct Endpoint {
+    ufrag: String,
+    pwd: String,
+    shared: Arc<Shared>,
+    inbox: Mutex<Inbox>,
+    /// The port its driver bound and named in its candidates (0 until then).
+    bound: AtomicU16,
+}
+
+#[derive(Default)]
+struct Inbox {
+    datagrams: VecDeque<(SocketAddr, Bytes)>,
+    waker: Option<Waker>,
+    addresses: usize,
+}
+
+impl Mux {
+    /// Binds `addr` (port 0: any free port). Must run inside tokio.
+    pub(crate) fn bind(addr: SocketAddr) -> io::Result<Mux> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        // Best effort: the system may cap them lower.
+        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+        let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        let socket = UdpSocket::from_std(socket.into())?;
+        let local = socket.local_addr()?;
+        let shared = Arc::new(Shared {
+            socket,
+            local,
+            routes: Mutex::new(Routes::default()),
+            dropped: AtomicU64::new(0),
+        });
+        let reader = tokio::spawn(read_loop(shared.clone()));
+        Ok(Mux { shared, reader })
+    }
+
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.shared.local
+    }
+
+    /// A new connection's share, with the ICE credentials its peer
+    /// connection must use (see [`Endpoint::credentials`]).
+    pub(crate) fn endpoint(&self) -> Arc<Endpoint> {
+        let mut routes = self.shared.routes.lock().unwrap();
+        loop {
+            // 24 and 32 characters of ice-char: RFC 8839 asks for at least
+            // 4 and 22, and 24 random characters never collide in practice.
+            let ufrag = random_ice_chars(24);
+            if routes.by_ufrag.contains_key(&ufrag) {
+                continue;
+            }
+            let endpoint = Arc::new(Endpoint {
+                ufrag: ufrag.clone(),
+                pwd: random_ice_chars(32),
+                shared: self.shared.clone(),
+                inbox: Mutex::new(Inbox::default()),
+                bound: AtomicU16::new(0),
+            });
+            routes.by_ufrag.insert(ufrag, Arc::downgrade(&endpoint));
+            return endpoint;
+        }
+    }
+}
+
+impl Drop for Mux {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Endpoint {
+    /// ICE username fragment and password for its peer connection.
+    pub(crate) fn credentials(&self) -> (String, String) {
+        (self.ufrag.clone(), self.pwd.clone())
+    }
+
+    /// A runtime for its peer connection: webrtc's own, except that sockets
+    /// are this endpoint's views of the shared one.
+    pub(crate) fn runtime(self: &Arc<Self>) -> Option<Arc<dyn Runtime>> {
+        let inner = webrtc::runtime::default_runtime()?;
+        Some(Arc::new(MuxRuntime {
+            inner,
+            endpoint: self.clone(),
+        }))
+    }
+
+    /// `text` (a description or a candidate) as the client must see it:
+    /// the port the driver bound replaced by the shared one.
+    pub(crate) fn public(&self, text: &str) -> String {
+        let bound = self.bound.load(Ordering::Acquire);
+        if bound == 0 {
+            return text.to_owned();
+        }
+        replace_port(text, bound, self.shared.local.port())
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        let mut routes = self.shared.routes.lock().unwrap();
+        routes.by_ufrag.remove(&self.ufrag);
+        routes.by_addr.retain(|_, e| e.strong_count() > 0);
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("ufrag", &self.ufrag)
+            .field("shared", &self.shared.local)
+            .finish()
+    }
+}
+
+fn random_ice_chars(n: usize) -> String {
+    const ICE_CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|_| ICE_CHARS[rng.random_range(0..ICE_CHARS.len())] as char)
+        .collect()
+}
+
+async fn read_loop(shared: Arc<Shared>) {
+    let mut buf = BytesMut::with_capacity(BLOCK);
+    loop {
+        if buf.capacity() < MAX_DATAGRAM {
+            // The datagrams split off before keep the old block alive until
+            // their drivers have read them.
+            buf = BytesMut::with_capacity(BLOCK);
+        }
+        let from = match shared.socket.recv_buf_from(&mut buf).await {
+            Ok((_, from)) => from,
+            Err(e) => {
+                // ICMP errors for one peer surface here; the socket lives on.
+                trace!("shared socket: {e}");
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                ) {
+                    warn!("shared UDP socket {}: {e}", shared.local);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                buf.clear();
+                continue;
+            }
+        };
+        let datagram = buf.split().freeze();
+        if !shared.route(from, datagram) {
+            let n = shared.dropped.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() {
+                debug!(%from, dropped = n + 1, "datagram for no connection dropped");
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Hands `datagram` to its connection; false if it has none.
+    fn route(&self, from: SocketAddr, datagram: Bytes) -> bool {
+        let endpoint = {
+            let mut routes = self.routes.lock().unwrap();
+            match routes.by_addr.get(&from).and_then(Weak::upgrade) {
+                Some(e) => e,
+                None => {
+                    let Some(ufrag) = stun_request_ufrag(&datagram) else {
+                        return false;
+                    };
+                    let Some(e) = routes.by_ufrag.get(ufrag).and_then(Weak::upgrade) else {
+                        return false;
+                    };
+                    let mut inbox = e.inbox.lock().unwrap();
+                    if inbox.addresses < MAX_ADDRESSES {
+                        inbox.addresses += 1;
+                        routes.by_addr.insert(from, Arc::downgrade(&e));
+                    }
+                    drop(inbox);
+                    e
+                }
+            }
+        };
+        let mut inbox = endpoint.inbox.lock().unwrap();
+        if inbox.datagrams.len() >= INBOX {
+            return false;
+        }
+        inbox.datagrams.push_back((from, datagram));
+        if let Some(waker) = inbox.waker.take() {
+            drop(inbox);
+            waker.wake();
+        }
+        true
+    }
+}
+
+/// The SFU's ufrag in a STUN binding request ("ours:theirs" in USERNAME,
+/// RFC 8445 §7.2.2), or `None` for anything else.
+fn stun_request_ufrag(datagram: &[u8]) -> Option<&str> {
+    const BINDING_REQUEST: u16 = 0x0001;
+    const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
+    const USERNAME: u16 = 0x0006;
+    let header = datagram.get(..20)?;
+    if u16::from_be_bytes([header[0], header[1]]) != BINDING_REQUEST || header[4..8] != MAGIC_COOKIE
+    {
+        return None;
+    }
+    let length = u16::from_be_bytes([header[2], header[3]]) as usize;
+    let mut attrs = datagram.get(20..20 + length)?;
+    while attrs.len() >= 4 {
+        let kind = u16::from_be_bytes([attrs[0], attrs[1]]);
+        let len = u16::from_be_bytes([attrs[2], attrs[3]]) as usize;
+        let value = attrs.get(4..4 + len)?;
+        if kind == USERNAME {
+            let username = std::str::from_utf8(value).ok()?;
+            return username.split_once(':').map(|(ours, _)| ours);
+        }
+        // Attributes are padded to 4 bytes.
+        attrs = attrs.get(4 + len.next_multiple_of(4)..)?;
+    }
+    None
+}
+
+/// `text` with `from` replaced by `to` as the port of candidates
+/// (`candidate:f c udp prio addr PORT typ …`, with or without `a=`) and of
+/// m-lines (`m=audio PORT …`); every other line as it was.
+fn replace_port(text: &str, from: u16, to: u16) -> String {
+    let from = from.to_string();
+    let to = to.to_string();
+    let mut out = String::with_capacity(text.len() + 16);
+    for (i, line) in text.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let field = if line.starts_with("a=candidate:") || line.starts_with("candidate:") {
+            Some(5)
+        } else if line.starts_with("m=") {
+            Some(1)
+        } else {
+            None
+        };
+        let Some(field) = field else {
+            out.push_str(line);
+            continue;
+        };
+        let (body, cr) = match line.strip_suffix('\r') {
+            Some(body) => (body, "\r"),
+            None => (line, ""),
+        };
+        let mut fields: Vec<&str> = body.split(' ').collect();
+        if fields.get(field) == Some(&from.as_str()) {
+            fields[field] = &to;
+        }
+        out.push_str(&fields.join(" "));
+        out.push_str(cr);
+    }
+    out
+}
+
+/// webrtc's runtime, with [`MuxSocket`]s in place of the sockets it binds.
+struct MuxRuntime {
+    inner: Arc<dyn Runtime>,
+    endpoint: Arc<Endpoint>,
+}
+
+impl fmt::Debug for MuxRuntime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MuxRuntime")
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+impl Runtime for MuxRuntime {
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) -> Box<dyn JoinHandle> {
+        self.inner.spawn(future)
+    }
+
+    fn spawn_reactor(
+        &self,
+        pool_size: usize,
+        future: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> Box<dyn JoinHandle> {
+        self.inner.spawn_reactor(pool_size, future)
+    }
+
+    fn wrap_udp_socket(&self, socket: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
+        // Only its port is kept, to be rewritten in what the client sees.
+        let bound = socket.local_addr()?.port();
+        self.endpoint.bound.store(bound, Ordering::Release);
+        Ok(Arc::new(MuxSocket {
+            endpoint: self.endpoint.clone(),
+        }))
+    }
+
+    fn wrap_tcp_listener(
+        &self,
+        listener: std::net::TcpListener,
+    ) -> io::Result<Arc<dyn AsyncTcpListener>> {
+        self.inner.wrap_tcp_listener(listener)
+    }
+
+    fn connect_tcp<'a>(
+        &'a self,
+        remote_addr: SocketAddr,
+    ) -> BoxFuture<'a, io::Result<Arc<dyn AsyncTcpStream>>> {
+        self.inner.connect_tcp(remote_addr)
+    }
+
+    fn resolve_host<'a>(&'a self, host: &'a str) -> BoxFuture<'a, io::Result<Vec<SocketAddr>>> {
+        self.inner.resolve_host(host)
+    }
+
+    fn now(&self) -> std::time::Instant {
+        self.inner.now()
+    }
+
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        self.inner.sleep(duration)
+    }
+
+    fn interval(&self, period: Duration) -> Box<dyn AsyncInterval> {
+        self.inner.interval(period)
+    }
+
+    fn block_on(&self, future: Pin<Box<dyn Future<Output = ()> + '_>>) {
+        self.inner.block_on(future)
+    }
+
+    fn yield_now(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        self.inner.yield_now()
+    }
+
+    fn name(&self) -> &'static str {
+        "confer-mux"
+    }
+}
+
+/// A connection's view of the shared socket: it reads what the reader task
+/// routed to it, and sends from the shared socket.
+struct MuxSocket {
+    endpoint: Arc<Endpoint>,
+}
+
+impl fmt::Debug for MuxSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MuxSocket")
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+impl AsyncUdpSocket for MuxSocket {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.endpoint.shared.local)
+    }
+
+    fn poll_send(&self, cx: &mut Context<'_>, transmit: &Transmit<'_>) -> Poll<io::Result<usize>> {
+        // max_gso_segments is 1, so every transmit is one datagram.
+        self.endpoint
+            .shared
+            .socket
+            .poll_send_to(cx, transmit.contents, transmit.destination)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let mut inbox = self.endpoint.inbox.lock().unwrap();
+        let mut n = 0;
+        while n < bufs.len().min(meta.len()) {
+            let Some((from, datagram)) = inbox.datagrams.pop_front() else {
+                break;
+            };
+            let buf = &mut bufs[n];
+            let len = datagram.len().min(buf.len());
+            buf[..len].copy_from_slice(&datagram[..len]);
+            let mut m = RecvMeta::default();
+            m.addr = from;
+            m.len = len;
+            m.stride = len.max(1);
+            meta[n] = m;
+            n += 1;
+        }
+        if n > 0 {
+            return Poll::Ready(Ok(n));
+        }
+        match &inbox.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => inbox.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding_request(username: &[u8]) -> Vec<u8> {
+        let mut attrs = Vec::new();
+        // A SOFTWARE attribute first, 5 bytes padded to 8, to walk past.
+        attrs.extend_from_slice(&[0x80, 0x22, 0, 5]);
+        attrs.extend_from_slice(b"test\0\0\0\0");
+        attrs.extend_from_slice(&[0, 6]);
+        attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());
+        attrs.extend_from_slice(username);
+        attrs.resize(attrs.len().next_multiple_of(4), 0);
+        let mut msg = vec![0, 1];
+        msg.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+        msg.extend_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
+        msg.extend_from_slice(&[7; 12]);
+        msg.extend_from_slice(&attrs);
+        msg
+    }
+
+    #[test]
+    fn a_binding_request_is_routed_by_the_first_half_of_its_username() {
+        let msg = binding_request(b"sfuFrag:clientFrag");
+        assert_eq!(stun_request_ufrag(&msg), Some("sfuFrag"));
+    }
+
+    #[test]
+    fn anything_but_a_well_formed_binding_request_routes_nowhere() {
+        let good = binding_request(b"sfuFrag:clientFrag");
+        // A binding response (type 0x0101) is not routed by username.
+        let mut response = good.clone();
+        response[0] = 1;
+        assert_eq!(stun_request_ufrag(&response), None);
+        // No magic cookie: RTP or DTLS that happens to start with 0x0001.
+        let mut no_cookie = good.clone();
+        no_cookie[4] = 0;
+        assert_eq!(stun_request_ufrag(&no_cookie), None);
+        // Every truncation, and a length that claims more than is there.
+        for cut in 0..good.len() {
+            assert_eq!(stun_request_ufrag(&good[..cut]), None, "cut at {cut}");
+        }
+        let mut too_long = good.clone();
+        too_long[2] = 0xff;
+        assert_eq!(stun_request_ufrag(&too_long), None);
+        // A username without the colon, or not UTF-8.
+        assert_eq!(stun_request_ufrag(&binding_request(b"nocolon")), None);
+        assert_eq!(stun_request_ufrag(&binding_request(b"\xff\xfe:x")), None);
+        // Random bytes and empty input.
+        assert_eq!(stun_request_ufrag(&[]), None);
+        assert_eq!(stun_request_ufrag(&[0x80; 200]), None);
+    }
+
+    #[test]
+    fn the_bound_port_gives_way_to_the_shared_one_in_candidates_and_m_lines() {
+        let sdp = "v=0\r\n\
+                   m=audio 41234 UDP/TLS/RTP/SAVPF 111\r\n\
+                   c=IN IP4 127.0.0.1\r\n\
+                   a=candidate:1 1 udp 2130706431 127.0.0.1 41234 typ host\r\n\
+                   a=candidate:2 1 udp 2130706431 127.0.0.1 41235 typ host\r\n\
+                   a=rtcp:9 IN IP4 0.0.0.0\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\n\
+                   a=msid:41234 41234\r\n";
+        let out = replace_port(sdp, 41234, 7882);
+        assert_eq!(
+            out,
+            "v=0\r\n\
+             m=audio 7882 UDP/TLS/RTP/SAVPF 111\r\n\
+             c=IN IP4 127.0.0.1\r\n\
+             a=candidate:1 1 udp 2130706431 127.0.0.1 7882 typ host\r\n\
+             a=candidate:2 1 udp 2130706431 127.0.0.1 41235 typ host\r\n\
+             a=rtcp:9 IN IP4 0.0.0.0\r\n\
+             m=video 9 UDP/TLS/RTP/SAVPF 96\r\n\
+             a=msid:41234 41234\r\n"
+        );
+        assert_eq!(
+            replace_port(
+                "candidate:1 1 udp 2130706431 10.0.0.1 41234 typ host",
+                41234,
+                7882
+            ),
+            "candidate:1 1 udp 2130706431 10.0.0.1 7882 typ host"
+        );
+    }
+
+    #[tokio::test]
+    async fn datagrams_reach_the_connection_whose_ufrag_they_name_and_only_it() {
+        let mux = Mux::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let a = mux.endpoint();
+        let b = mux.endpoint();
+        let sa = MuxSocket {
+            endpoint: a.clone(),
+        };
+        let sb = MuxSocket {
+            endpoint: b.clone(),
+        };
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = mux.local_addr();
+        // Before any check, nothing from this client goes anywhere.
+        client.send_to(b"\x80early", to).await.unwrap();
+        let check = binding_request(format!("{}:cli", b.ufrag).as_bytes());
+        client.send_to(&check, to).await.unwrap();
+        client.send_to(b"\x80media", to).await.unwrap();
+
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let mut buf = [0u8; 2048];
+            let mut meta = [RecvMeta::default()];
+            let n = std::future::poll_fn(|cx| {
+                sb.poll_recv(cx, &mut [IoSliceMut::new(&mut buf)], &mut meta)
+            });
+            tokio::time::timeout(Duration::from_secs(5), n)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(meta[0].addr, client.local_addr().unwrap());
+            got.push(buf[..meta[0].len].to_vec());
+        }
+        assert_eq!(got, vec![check, b"\x80media".to_vec()]);
+        let nothing = std::future::poll_fn(|cx| {
+            sa.poll_recv(
+                cx,
+                &mut [IoSliceMut::new(&mut [0u8; 2048])],
+                &mut [RecvMeta::default()],
+            )
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), nothing)
+                .await
+                .is_err()
+        );
+
+        // Gone with its connection: its routes go too.
+        drop(sb);
+        drop(b);
+        let routes = mux.shared.routes.lock().unwrap();
+        assert_eq!(routes.by_ufrag.len(), 1);
+        assert!(routes.by_addr.is_empty());
+    }
+}
