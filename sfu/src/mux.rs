@@ -2,11 +2,13 @@
 //!
 //! webrtc's peer connections each bind and read a socket of their own. Here
 //! each connection gets a [`Runtime`] whose sockets are views of one shared
-//! socket. A reader task routes every datagram to its connection: by the
-//! sender's address once known, else by the ICE username of a STUN binding
-//! request, which starts with the SFU's ufrag for that connection. The SFU
-//! chooses those ufrags itself ([`Mux::endpoint`]), so it knows them before
-//! the connection exists. Sends go straight out of the shared socket.
+//! socket. A reader task routes every datagram to its connection. A STUN
+//! binding request goes by its ICE username, which starts with the SFU's
+//! ufrag for that connection, and teaches the route its sender's address
+//! when it proves the connection's password; everything else goes by that
+//! address. The SFU chooses ufrags and passwords itself ([`Mux::endpoint`]),
+//! so it knows them before the connection exists. Sends go straight out of
+//! the shared socket.
 //!
 //! The reader drains the socket before it yields (it only routes, which is
 //! cheap): when the server is busy, as with a hundred people joining at
@@ -43,7 +45,8 @@ use webrtc::runtime::{
 /// more are dropped, as a full socket buffer would.
 const INBOX: usize = 1024;
 /// Addresses one connection may receive from. A client checks a few
-/// candidate pairs; more than this is someone spraying STUN.
+/// candidate pairs; past this, the address longest without a check is
+/// forgotten (a client that roams keeps checking the address it uses).
 const MAX_ADDRESSES: usize = 16;
 /// Largest datagram read; WebRTC keeps under 1500.
 const MAX_DATAGRAM: usize = 2048;
@@ -69,7 +72,8 @@ struct Shared {
     socket: std::net::UdpSocket,
     local: SocketAddr,
     routes: Mutex<Routes>,
-    /// Datagrams that came for no connection, or for a full inbox.
+    /// Datagrams that came for no connection, as a check that failed its
+    /// MESSAGE-INTEGRITY, or for a full inbox.
     dropped: AtomicU64,
     /// Datagrams not sent because the socket's buffer was full.
     send_dropped: AtomicU64,
@@ -95,7 +99,8 @@ pub(crate) struct Endpoint {
 struct Inbox {
     datagrams: VecDeque<(SocketAddr, Bytes)>,
     waker: Option<Waker>,
-    addresses: usize,
+    /// Learnt addresses, the one checked longest ago first.
+    addresses: VecDeque<SocketAddr>,
 }
 
 impl Mux {
@@ -264,7 +269,7 @@ async fn read_loop(shared: Arc<Shared>, socket: UdpSocket) {
         if !shared.route(from, datagram) {
             let n = shared.dropped.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {
-                debug!(%from, dropped = n + 1, "datagram for no connection dropped");
+                debug!(%from, dropped = n + 1, "datagram for no connection, or a forged check, dropped");
             }
         }
     }
@@ -272,26 +277,30 @@ async fn read_loop(shared: Arc<Shared>, socket: UdpSocket) {
 
 impl Shared {
     /// Hands `datagram` to its connection; false if it has none.
+    ///
+    /// A binding request goes to the connection its username names, and
+    /// only if it proves the connection's ICE password (MESSAGE-INTEGRITY):
+    /// then its sender's address routes to that connection from now on.
+    /// Everything else goes by the sender's address. So an address is never
+    /// learnt from a forged check, and a client that reconnects from an
+    /// address it used before is routed to its new connection.
     fn route(&self, from: SocketAddr, datagram: Bytes) -> bool {
         let endpoint = {
             let mut routes = self.routes.lock().unwrap();
-            match routes.by_addr.get(&from).and_then(Weak::upgrade) {
-                Some(e) => e,
-                None => {
-                    let Some(ufrag) = stun_request_ufrag(&datagram) else {
+            let named = binding_request(&datagram)
+                .and_then(|req| Some((req, routes.by_ufrag.get(req.ufrag)?.upgrade()?)));
+            match named {
+                Some((req, e)) => {
+                    if !req.authentic(&datagram, e.pwd.as_bytes()) {
                         return false;
-                    };
-                    let Some(e) = routes.by_ufrag.get(ufrag).and_then(Weak::upgrade) else {
-                        return false;
-                    };
-                    let mut inbox = e.inbox.lock().unwrap();
-                    if inbox.addresses < MAX_ADDRESSES {
-                        inbox.addresses += 1;
-                        routes.by_addr.insert(from, Arc::downgrade(&e));
                     }
-                    drop(inbox);
+                    routes.learn(&e, from);
                     e
                 }
+                None => match routes.by_addr.get(&from).and_then(Weak::upgrade) {
+                    Some(e) => e,
+                    None => return false,
+                },
             }
         };
         let mut inbox = endpoint.inbox.lock().unwrap();
@@ -307,31 +316,97 @@ impl Shared {
     }
 }
 
-/// The SFU's ufrag in a STUN binding request ("ours:theirs" in USERNAME,
-/// RFC 8445 §7.2.2), or `None` for anything else.
-fn stun_request_ufrag(datagram: &[u8]) -> Option<&str> {
+impl Routes {
+    /// Routes `from` to `endpoint`, as its most recently checked address.
+    fn learn(&mut self, endpoint: &Arc<Endpoint>, from: SocketAddr) {
+        let mut inbox = endpoint.inbox.lock().unwrap();
+        inbox.addresses.retain(|a| *a != from);
+        if inbox.addresses.len() >= MAX_ADDRESSES
+            && let Some(stale) = inbox.addresses.pop_front()
+            && self
+                .by_addr
+                .get(&stale)
+                .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(endpoint)))
+        {
+            self.by_addr.remove(&stale);
+        }
+        inbox.addresses.push_back(from);
+        self.by_addr.insert(from, Arc::downgrade(endpoint));
+    }
+}
+
+/// What routing needs of a STUN binding request.
+#[derive(Clone, Copy, Debug)]
+struct BindingRequest<'a> {
+    /// The SFU's half of USERNAME ("ours:theirs", RFC 8445 §7.2.2).
+    ufrag: &'a str,
+    /// Offset of the MESSAGE-INTEGRITY attribute, if there is one.
+    integrity: Option<usize>,
+}
+
+impl BindingRequest<'_> {
+    /// Whether its MESSAGE-INTEGRITY is right for `password` (RFC 8489
+    /// §14.5: HMAC-SHA1 over the message before the attribute, with a header
+    /// length that ends at the attribute).
+    fn authentic(&self, datagram: &[u8], password: &[u8]) -> bool {
+        use hmac::{Hmac, Mac};
+        let Some(at) = self.integrity else {
+            return false;
+        };
+        let Some(tag) = datagram.get(at + 4..at + 24) else {
+            return false;
+        };
+        let Ok(mut mac) = Hmac::<sha1::Sha1>::new_from_slice(password) else {
+            return false;
+        };
+        let length = (at + 24 - 20) as u16;
+        mac.update(&datagram[..2]);
+        mac.update(&length.to_be_bytes());
+        mac.update(&datagram[4..at]);
+        mac.verify_slice(tag).is_ok()
+    }
+}
+
+/// `datagram` as a STUN binding request with an ICE username, or `None`
+/// for anything else.
+fn binding_request(datagram: &[u8]) -> Option<BindingRequest<'_>> {
     const BINDING_REQUEST: u16 = 0x0001;
     const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
     const USERNAME: u16 = 0x0006;
+    const MESSAGE_INTEGRITY: u16 = 0x0008;
     let header = datagram.get(..20)?;
     if u16::from_be_bytes([header[0], header[1]]) != BINDING_REQUEST || header[4..8] != MAGIC_COOKIE
     {
         return None;
     }
     let length = u16::from_be_bytes([header[2], header[3]]) as usize;
-    let mut attrs = datagram.get(20..20 + length)?;
-    while attrs.len() >= 4 {
-        let kind = u16::from_be_bytes([attrs[0], attrs[1]]);
-        let len = u16::from_be_bytes([attrs[2], attrs[3]]) as usize;
-        let value = attrs.get(4..4 + len)?;
-        if kind == USERNAME {
-            let username = std::str::from_utf8(value).ok()?;
-            return username.split_once(':').map(|(ours, _)| ours);
+    let msg = datagram.get(..20 + length)?;
+    let mut ufrag = None;
+    let mut integrity = None;
+    let mut at = 20;
+    while at + 4 <= msg.len() {
+        let kind = u16::from_be_bytes([msg[at], msg[at + 1]]);
+        let len = u16::from_be_bytes([msg[at + 2], msg[at + 3]]) as usize;
+        let value = msg.get(at + 4..at + 4 + len)?;
+        match kind {
+            USERNAME if ufrag.is_none() => {
+                let username = std::str::from_utf8(value).ok()?;
+                ufrag = Some(username.split_once(':')?.0);
+            }
+            // Attributes after it (FINGERPRINT) are not covered by it.
+            MESSAGE_INTEGRITY if len == 20 => {
+                integrity = Some(at);
+                break;
+            }
+            _ => {}
         }
         // Attributes are padded to 4 bytes.
-        attrs = attrs.get(4 + len.next_multiple_of(4)..)?;
+        at += 4 + len.next_multiple_of(4);
     }
-    None
+    Some(BindingRequest {
+        ufrag: ufrag?,
+        integrity,
+    })
 }
 
 /// `text` with `from` replaced by `to` as the port of candidates
@@ -515,53 +590,114 @@ impl AsyncUdpSocket for MuxSocket {
 mod tests {
     use super::*;
 
-    fn binding_request(username: &[u8]) -> Vec<u8> {
-        let mut attrs = Vec::new();
-        // A SOFTWARE attribute first, 5 bytes padded to 8, to walk past.
-        attrs.extend_from_slice(&[0x80, 0x22, 0, 5]);
-        attrs.extend_from_slice(b"test\0\0\0\0");
-        attrs.extend_from_slice(&[0, 6]);
-        attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());
-        attrs.extend_from_slice(username);
-        attrs.resize(attrs.len().next_multiple_of(4), 0);
-        let mut msg = vec![0, 1];
-        msg.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
-        msg.extend_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
+    /// A binding request naming `username`, with MESSAGE-INTEGRITY for
+    /// `password` when there is one.
+    fn check(username: &[u8], password: Option<&str>) -> Vec<u8> {
+        use hmac::{Hmac, Mac};
+        let mut msg = vec![0, 1, 0, 0, 0x21, 0x12, 0xA4, 0x42];
         msg.extend_from_slice(&[7; 12]);
-        msg.extend_from_slice(&attrs);
+        // A SOFTWARE attribute first, 5 bytes padded to 8, to walk past.
+        msg.extend_from_slice(&[0x80, 0x22, 0, 5]);
+        msg.extend_from_slice(b"test\0\0\0\0");
+        msg.extend_from_slice(&[0, 6]);
+        msg.extend_from_slice(&(username.len() as u16).to_be_bytes());
+        msg.extend_from_slice(username);
+        msg.resize(msg.len().next_multiple_of(4), 0);
+        if let Some(password) = password {
+            let length = (msg.len() + 24 - 20) as u16;
+            msg[2..4].copy_from_slice(&length.to_be_bytes());
+            let mut mac = Hmac::<sha1::Sha1>::new_from_slice(password.as_bytes()).unwrap();
+            mac.update(&msg);
+            msg.extend_from_slice(&[0, 8, 0, 20]);
+            msg.extend_from_slice(&mac.finalize().into_bytes());
+        }
+        let length = (msg.len() - 20) as u16;
+        msg[2..4].copy_from_slice(&length.to_be_bytes());
         msg
+    }
+
+    fn ufrag(datagram: &[u8]) -> Option<&str> {
+        binding_request(datagram).map(|r| r.ufrag)
+    }
+
+    /// RFC 5769 §2.1: a request with SOFTWARE, PRIORITY, ICE-CONTROLLED,
+    /// USERNAME "evtj:h6vY", MESSAGE-INTEGRITY and FINGERPRINT.
+    const RFC5769_REQUEST: &str = "000100582112a442b7e7a701bc34d686fa87dfae\
+        802200105354554e207465737420636c69656e74\
+        002400046e0001ff80290008932ff9b151263b36\
+        000600096576746a3a68367659202020\
+        000800149aeaa70cbfd8cb56781ef2b5b2d3f249c1b571a2\
+        80280004e57a3bcf";
+    const RFC5769_PASSWORD: &str = "VOkJxbRl1RmTxUk/WvJxBt";
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_rfc_5769_sample_request_is_read_and_authenticated() {
+        let msg = hex(RFC5769_REQUEST);
+        let req = binding_request(&msg).unwrap();
+        assert_eq!(req.ufrag, "evtj");
+        assert!(req.authentic(&msg, RFC5769_PASSWORD.as_bytes()));
+        assert!(!req.authentic(&msg, b"VOkJxbRl1RmTxUk/WvJxBu"));
+        // Any byte it covers changed (here the tie breaker) breaks it.
+        let mut tampered = msg.clone();
+        tampered[56] ^= 1;
+        assert!(
+            !binding_request(&tampered)
+                .unwrap()
+                .authentic(&tampered, RFC5769_PASSWORD.as_bytes())
+        );
+        // A request without MESSAGE-INTEGRITY proves nothing.
+        let bare = check(b"evtj:h6vY", None);
+        assert!(
+            !binding_request(&bare)
+                .unwrap()
+                .authentic(&bare, RFC5769_PASSWORD.as_bytes())
+        );
+        // Ours agrees with the sample on how the digest is made.
+        let ours = check(b"evtj:h6vY", Some(RFC5769_PASSWORD));
+        assert!(
+            binding_request(&ours)
+                .unwrap()
+                .authentic(&ours, RFC5769_PASSWORD.as_bytes())
+        );
     }
 
     #[test]
     fn a_binding_request_is_routed_by_the_first_half_of_its_username() {
-        let msg = binding_request(b"sfuFrag:clientFrag");
-        assert_eq!(stun_request_ufrag(&msg), Some("sfuFrag"));
+        assert_eq!(ufrag(&check(b"sfuFrag:clientFrag", None)), Some("sfuFrag"));
     }
 
     #[test]
     fn anything_but_a_well_formed_binding_request_routes_nowhere() {
-        let good = binding_request(b"sfuFrag:clientFrag");
+        let good = check(b"sfuFrag:clientFrag", Some("pw"));
         // A binding response (type 0x0101) is not routed by username.
         let mut response = good.clone();
         response[0] = 1;
-        assert_eq!(stun_request_ufrag(&response), None);
+        assert_eq!(ufrag(&response), None);
         // No magic cookie: RTP or DTLS that happens to start with 0x0001.
         let mut no_cookie = good.clone();
         no_cookie[4] = 0;
-        assert_eq!(stun_request_ufrag(&no_cookie), None);
+        assert_eq!(ufrag(&no_cookie), None);
         // Every truncation, and a length that claims more than is there.
         for cut in 0..good.len() {
-            assert_eq!(stun_request_ufrag(&good[..cut]), None, "cut at {cut}");
+            assert_eq!(ufrag(&good[..cut]), None, "cut at {cut}");
         }
         let mut too_long = good.clone();
         too_long[2] = 0xff;
-        assert_eq!(stun_request_ufrag(&too_long), None);
+        assert_eq!(ufrag(&too_long), None);
         // A username without the colon, or not UTF-8.
-        assert_eq!(stun_request_ufrag(&binding_request(b"nocolon")), None);
-        assert_eq!(stun_request_ufrag(&binding_request(b"\xff\xfe:x")), None);
+        assert_eq!(ufrag(&check(b"nocolon", None)), None);
+        assert_eq!(ufrag(&check(b"\xff\xfe:x", None)), None);
         // Random bytes and empty input.
-        assert_eq!(stun_request_ufrag(&[]), None);
-        assert_eq!(stun_request_ufrag(&[0x80; 200]), None);
+        assert_eq!(ufrag(&[]), None);
+        assert_eq!(ufrag(&[0x80; 200]), None);
     }
 
     #[test]
@@ -596,52 +732,51 @@ mod tests {
         );
     }
 
+    fn socket(endpoint: &Arc<Endpoint>) -> MuxSocket {
+        MuxSocket {
+            endpoint: endpoint.clone(),
+        }
+    }
+
+    /// The next datagram `socket` reads within `wait`, with its sender.
+    async fn next(socket: &MuxSocket, wait: Duration) -> Option<(SocketAddr, Vec<u8>)> {
+        let mut buf = [0u8; 2048];
+        let mut meta = [RecvMeta::default()];
+        let n = std::future::poll_fn(|cx| {
+            socket.poll_recv(cx, &mut [IoSliceMut::new(&mut buf)], &mut meta)
+        });
+        tokio::time::timeout(wait, n).await.ok()?.unwrap();
+        Some((meta[0].addr, buf[..meta[0].len].to_vec()))
+    }
+
+    const SOON: Duration = Duration::from_secs(5);
+    const NEVER: Duration = Duration::from_millis(100);
+
+    fn check_for(endpoint: &Endpoint) -> Vec<u8> {
+        check(
+            format!("{}:cli", endpoint.ufrag).as_bytes(),
+            Some(&endpoint.pwd),
+        )
+    }
+
     #[tokio::test]
     async fn datagrams_reach_the_connection_whose_ufrag_they_name_and_only_it() {
         let mux = Mux::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let a = mux.endpoint();
         let b = mux.endpoint();
-        let sa = MuxSocket {
-            endpoint: a.clone(),
-        };
-        let sb = MuxSocket {
-            endpoint: b.clone(),
-        };
+        let (sa, sb) = (socket(&a), socket(&b));
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let me = client.local_addr().unwrap();
         let to = mux.local_addr();
         // Before any check, nothing from this client goes anywhere.
         client.send_to(b"\x80early", to).await.unwrap();
-        let check = binding_request(format!("{}:cli", b.ufrag).as_bytes());
+        let check = check_for(&b);
         client.send_to(&check, to).await.unwrap();
         client.send_to(b"\x80media", to).await.unwrap();
 
-        let mut got = Vec::new();
-        for _ in 0..2 {
-            let mut buf = [0u8; 2048];
-            let mut meta = [RecvMeta::default()];
-            let n = std::future::poll_fn(|cx| {
-                sb.poll_recv(cx, &mut [IoSliceMut::new(&mut buf)], &mut meta)
-            });
-            tokio::time::timeout(Duration::from_secs(5), n)
-                .await
-                .unwrap()
-                .unwrap();
-            assert_eq!(meta[0].addr, client.local_addr().unwrap());
-            got.push(buf[..meta[0].len].to_vec());
-        }
-        assert_eq!(got, vec![check, b"\x80media".to_vec()]);
-        let nothing = std::future::poll_fn(|cx| {
-            sa.poll_recv(
-                cx,
-                &mut [IoSliceMut::new(&mut [0u8; 2048])],
-                &mut [RecvMeta::default()],
-            )
-        });
-        assert!(
-            tokio::time::timeout(Duration::from_millis(100), nothing)
-                .await
-                .is_err()
-        );
+        assert_eq!(next(&sb, SOON).await, Some((me, check)));
+        assert_eq!(next(&sb, SOON).await, Some((me, b"\x80media".to_vec())));
+        assert_eq!(next(&sa, NEVER).await, None);
 
         // Gone with its connection: its routes go too.
         drop(sb);
@@ -649,5 +784,75 @@ mod tests {
         let routes = mux.shared.routes.lock().unwrap();
         assert_eq!(routes.by_ufrag.len(), 1);
         assert!(routes.by_addr.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_check_without_the_password_teaches_nothing() {
+        let mux = Mux::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let a = mux.endpoint();
+        let sa = socket(&a);
+        let forger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = mux.local_addr();
+        let name = format!("{}:cli", a.ufrag);
+        for forged in [
+            check(name.as_bytes(), None),
+            check(name.as_bytes(), Some("not the password")),
+        ] {
+            forger.send_to(&forged, to).await.unwrap();
+        }
+        forger.send_to(b"\x80media", to).await.unwrap();
+        assert_eq!(next(&sa, NEVER).await, None);
+        assert!(mux.shared.routes.lock().unwrap().by_addr.is_empty());
+        assert_eq!(mux.shared.dropped.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_roaming_client_keeps_its_route_and_the_stalest_address_goes() {
+        let mux = Mux::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let a = mux.endpoint();
+        let sa = socket(&a);
+        let to = mux.local_addr();
+        let mut clients = Vec::new();
+        for _ in 0..=MAX_ADDRESSES {
+            clients.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        }
+        // The first address checks again after the second: the second is
+        // then the stalest, and the seventeenth address pushes it out.
+        let order = [0, 1, 0]
+            .into_iter()
+            .chain(2..=MAX_ADDRESSES)
+            .collect::<Vec<_>>();
+        for i in order {
+            clients[i].send_to(&check_for(&a), to).await.unwrap();
+            assert!(next(&sa, SOON).await.is_some());
+        }
+        for (i, client) in clients.iter().enumerate() {
+            client.send_to(&[0x80, i as u8], to).await.unwrap();
+            let got = next(&sa, if i == 1 { NEVER } else { SOON }).await;
+            assert_eq!(got.is_some(), i != 1, "address {i}");
+        }
+        assert_eq!(a.inbox.lock().unwrap().addresses.len(), MAX_ADDRESSES);
+    }
+
+    #[tokio::test]
+    async fn an_address_checked_for_a_new_connection_moves_to_it() {
+        let mux = Mux::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (old, new) = (mux.endpoint(), mux.endpoint());
+        let (s_old, s_new) = (socket(&old), socket(&new));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = mux.local_addr();
+        client.send_to(&check_for(&old), to).await.unwrap();
+        assert!(next(&s_old, SOON).await.is_some());
+        // The client reconnects from the same address while the old
+        // connection still lingers.
+        client.send_to(&check_for(&new), to).await.unwrap();
+        assert!(next(&s_new, SOON).await.is_some());
+        client.send_to(b"\x80media", to).await.unwrap();
+        assert_eq!(next(&s_new, SOON).await.unwrap().1, b"\x80media");
+        assert_eq!(next(&s_old, NEVER).await, None);
+        // The old connection forgetting its addresses leaves the new route.
+        drop(s_old);
+        drop(old);
+        assert_eq!(mux.shared.routes.lock().unwrap().by_addr.len(), 1);
     }
 }
