@@ -33,6 +33,7 @@ pub mod track;
 
 pub use config::{IceServer, SfuConfig};
 pub use error::SfuError;
+pub use mux::MediaSocket;
 pub use peer::Participant;
 pub use room::{
     Joined, Lifecycle, ParticipantInfo, ParticipantSummary, PeerEvent, RecordingState, Role, Room,

@@ -24,6 +24,7 @@
 
 use bytes::{Bytes, BytesMut};
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
@@ -33,7 +34,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tracing::{debug, trace, warn};
 use webrtc::runtime::{
@@ -72,12 +73,37 @@ struct Shared {
     socket: std::net::UdpSocket,
     local: SocketAddr,
     routes: Mutex<Routes>,
-    /// Datagrams that came for no connection, as a check that failed its
-    /// MESSAGE-INTEGRITY, or for a full inbox.
-    dropped: AtomicU64,
+    /// Datagrams that came for no connection, or as a check that failed
+    /// its MESSAGE-INTEGRITY.
+    unrouted: AtomicU64,
+    /// Datagrams for a connection whose driver was too far behind.
+    dropped_arriving: AtomicU64,
     /// Datagrams not sent because the socket's buffer was full.
-    send_dropped: AtomicU64,
+    dropped_sending: AtomicU64,
+    /// When the last warning about dropping went out, in ms after `started`
+    /// (0: never).
+    warned_ms: AtomicU64,
+    started: Instant,
 }
+
+/// What the shared socket has seen, for operators (admin API).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaSocket {
+    /// The UDP port every participant's media uses.
+    pub port: u16,
+    /// Datagrams from addresses no participant has checked from (stale
+    /// connections, scans) and forged connectivity checks: not a load sign.
+    pub unrouted: u64,
+    /// Datagrams dropped on arrival because their connection was too far
+    /// behind: the server is short of CPU.
+    pub dropped_arriving: u64,
+    /// Datagrams dropped because the socket's send buffer was full: short
+    /// of CPU, or of `net.core.wmem_max`.
+    pub dropped_sending: u64,
+}
+
+/// Overload warnings are at most this often.
+const WARN_EVERY_MS: u64 = 10_000;
 
 #[derive(Default)]
 struct Routes {
@@ -133,8 +159,11 @@ impl Mux {
             socket,
             local,
             routes: Mutex::new(Routes::default()),
-            dropped: AtomicU64::new(0),
-            send_dropped: AtomicU64::new(0),
+            unrouted: AtomicU64::new(0),
+            dropped_arriving: AtomicU64::new(0),
+            dropped_sending: AtomicU64::new(0),
+            warned_ms: AtomicU64::new(0),
+            started: Instant::now(),
         });
         let reading = UdpSocket::from_std(reading)?;
         let reader = tokio::spawn(tokio::task::unconstrained(read_loop(
@@ -146,6 +175,16 @@ impl Mux {
 
     pub(crate) fn local_addr(&self) -> SocketAddr {
         self.shared.local
+    }
+
+    pub(crate) fn stats(&self) -> MediaSocket {
+        let s = &self.shared;
+        MediaSocket {
+            port: s.local.port(),
+            unrouted: s.unrouted.load(Ordering::Relaxed),
+            dropped_arriving: s.dropped_arriving.load(Ordering::Relaxed),
+            dropped_sending: s.dropped_sending.load(Ordering::Relaxed),
+        }
     }
 
     /// A new connection's share, with the ICE credentials its peer
@@ -266,17 +305,32 @@ async fn read_loop(shared: Arc<Shared>, socket: UdpSocket) {
             }
         };
         let datagram = buf.split().freeze();
-        if !shared.route(from, datagram) {
-            let n = shared.dropped.fetch_add(1, Ordering::Relaxed);
-            if n.is_power_of_two() {
-                debug!(%from, dropped = n + 1, "datagram for no connection, or a forged check, dropped");
+        match shared.route(from, datagram) {
+            Routed::Delivered => {}
+            Routed::Nowhere => {
+                let n = shared.unrouted.fetch_add(1, Ordering::Relaxed);
+                if n.is_power_of_two() {
+                    debug!(%from, unrouted = n + 1, "datagram for no connection, or a forged check, dropped");
+                }
+            }
+            Routed::Full => {
+                shared.dropped_arriving.fetch_add(1, Ordering::Relaxed);
+                shared.overloaded();
             }
         }
     }
 }
 
+enum Routed {
+    Delivered,
+    /// For no connection, or a forged check.
+    Nowhere,
+    /// Its connection's inbox was full.
+    Full,
+}
+
 impl Shared {
-    /// Hands `datagram` to its connection; false if it has none.
+    /// Hands `datagram` to its connection.
     ///
     /// A binding request goes to the connection its username names, and
     /// only if it proves the connection's ICE password (MESSAGE-INTEGRITY):
@@ -284,7 +338,7 @@ impl Shared {
     /// Everything else goes by the sender's address. So an address is never
     /// learnt from a forged check, and a client that reconnects from an
     /// address it used before is routed to its new connection.
-    fn route(&self, from: SocketAddr, datagram: Bytes) -> bool {
+    fn route(&self, from: SocketAddr, datagram: Bytes) -> Routed {
         let endpoint = {
             let mut routes = self.routes.lock().unwrap();
             let named = binding_request(&datagram)
@@ -292,27 +346,48 @@ impl Shared {
             match named {
                 Some((req, e)) => {
                     if !req.authentic(&datagram, e.pwd.as_bytes()) {
-                        return false;
+                        return Routed::Nowhere;
                     }
                     routes.learn(&e, from);
                     e
                 }
                 None => match routes.by_addr.get(&from).and_then(Weak::upgrade) {
                     Some(e) => e,
-                    None => return false,
+                    None => return Routed::Nowhere,
                 },
             }
         };
         let mut inbox = endpoint.inbox.lock().unwrap();
         if inbox.datagrams.len() >= INBOX {
-            return false;
+            return Routed::Full;
         }
         inbox.datagrams.push_back((from, datagram));
         if let Some(waker) = inbox.waker.take() {
             drop(inbox);
             waker.wake();
         }
-        true
+        Routed::Delivered
+    }
+
+    /// Called on every datagram dropped for want of CPU or buffer; warns
+    /// now and then, with the totals.
+    fn overloaded(&self) {
+        let now = (self.started.elapsed().as_millis() as u64).max(1);
+        let last = self.warned_ms.load(Ordering::Relaxed);
+        if (last != 0 && now < last + WARN_EVERY_MS)
+            || self
+                .warned_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        warn!(
+            dropped_arriving = self.dropped_arriving.load(Ordering::Relaxed),
+            dropped_sending = self.dropped_sending.load(Ordering::Relaxed),
+            "the media socket is dropping datagrams: the server is short of CPU \
+             (or of socket buffer, net.core.rmem_max/wmem_max)"
+        );
     }
 }
 
@@ -543,10 +618,8 @@ impl AsyncUdpSocket for MuxSocket {
             .send_to(transmit.contents, transmit.destination)
         {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let n = shared.send_dropped.fetch_add(1, Ordering::Relaxed);
-                if n.is_power_of_two() {
-                    debug!(dropped = n + 1, "shared socket full, datagram dropped");
-                }
+                shared.dropped_sending.fetch_add(1, Ordering::Relaxed);
+                shared.overloaded();
                 Poll::Ready(Ok(transmit.contents.len()))
             }
             sent => Poll::Ready(sent),
@@ -803,7 +876,7 @@ mod tests {
         forger.send_to(b"\x80media", to).await.unwrap();
         assert_eq!(next(&sa, NEVER).await, None);
         assert!(mux.shared.routes.lock().unwrap().by_addr.is_empty());
-        assert_eq!(mux.shared.dropped.load(Ordering::Relaxed), 3);
+        assert_eq!(mux.stats().unrouted, 3);
     }
 
     #[tokio::test]
@@ -854,5 +927,26 @@ mod tests {
         drop(s_old);
         drop(old);
         assert_eq!(mux.shared.routes.lock().unwrap().by_addr.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_too_far_behind_loses_what_its_inbox_cannot_hold_and_it_is_counted() {
+        let mux = Mux::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let a = mux.endpoint();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = mux.local_addr();
+        client.send_to(&check_for(&a), to).await.unwrap();
+        // Nobody reads `a`'s inbox: the check and INBOX - 1 packets fit.
+        for i in 0..INBOX + 10 {
+            client.send_to(&[0x80, i as u8], to).await.unwrap();
+        }
+        let deadline = Instant::now() + SOON;
+        while mux.stats().dropped_arriving < 11 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let stats = mux.stats();
+        assert_eq!((stats.dropped_arriving, stats.unrouted), (11, 0));
+        assert_eq!(a.inbox.lock().unwrap().datagrams.len(), INBOX);
+        assert_eq!(stats.port, to.port());
     }
 }

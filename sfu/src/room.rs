@@ -3,7 +3,7 @@
 use crate::bandwidth::{self, Demand};
 use crate::config::SfuConfig;
 use crate::error::SfuError;
-use crate::mux::Mux;
+use crate::mux::{MediaSocket, Mux};
 use crate::peer::{self, Participant, PortPool};
 use crate::simulcast;
 use crate::tap::{TAP_CAPACITY, TapSender, TapTrack, Tapped};
@@ -257,6 +257,11 @@ impl Sfu {
     /// if `udp_port` was 0).
     pub fn media_port(&self) -> Option<u16> {
         self.mux.as_ref().map(|m| m.local_addr().port())
+    }
+
+    /// The shared media socket's counters, when `udp_mux` is on.
+    pub fn media_socket(&self) -> Option<MediaSocket> {
+        self.mux.as_ref().map(|m| m.stats())
     }
 
     /// Lifecycle events from now on. One observer; a second call replaces it.

@@ -479,11 +479,15 @@ async fn admin_sfu_nodes(State(state): State<AppState>, headers: HeaderMap) -> R
     if let Some(r) = check_admin(&state, &headers) {
         return r;
     }
-    let (mode, nodes) = match &state.media {
-        Media::Local(_) => ("embedded", Vec::new()),
-        Media::Remote(nodes) => ("split", nodes.status()),
-    };
-    Json(json!({ "mode": mode, "nodes": nodes })).into_response()
+    match &state.media {
+        Media::Local(sfu) => Json(json!({
+            "mode": "embedded",
+            "nodes": [],
+            "media_socket": sfu.media_socket(),
+        })),
+        Media::Remote(nodes) => Json(json!({ "mode": "split", "nodes": nodes.status().await })),
+    }
+    .into_response()
 }
 
 async fn admin_room(

@@ -12,7 +12,7 @@
 use crate::media::{Announcement, Events, JoinAnswer, Joined, Link, Refusal, RoomError, ToNode};
 use crate::protocol::{ErrorCode, ServerMessage};
 use crate::sfu_node::{IDLE_TIMEOUT, PING_EVERY, Snapshot};
-use confer_sfu::{Lifecycle, ParticipantInfo, RoomSummary};
+use confer_sfu::{Lifecycle, MediaSocket, ParticipantInfo, RoomSummary};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
@@ -26,6 +26,8 @@ use tracing::{debug, info, warn};
 
 /// How long a node may take to answer a join or a request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the admin API waits for a node's media socket counters.
+const STATUS_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Nodes {
     /// Base URLs, e.g. `http://10.0.0.7:8081`.
@@ -57,6 +59,9 @@ pub struct NodeStatus {
     pub up: bool,
     pub rooms: usize,
     pub participants: usize,
+    /// The node's shared media socket, as it answered just now (None when
+    /// it is down, did not answer, or runs without `udp_mux`).
+    pub media_socket: Option<MediaSocket>,
 }
 
 impl Nodes {
@@ -100,20 +105,63 @@ impl Nodes {
         }
     }
 
-    pub fn status(&self) -> Vec<NodeStatus> {
-        let s = self.state.lock().unwrap();
-        (0..self.urls.len())
-            .map(|i| NodeStatus {
-                url: self.urls[i].clone(),
-                up: s.up[i],
-                rooms: s
-                    .open
-                    .iter()
-                    .filter(|r| s.placed.get(*r) == Some(&i))
-                    .count(),
-                participants: s.load[i],
-            })
-            .collect()
+    /// Each node as signaling sees it, with its media socket's counters
+    /// asked of the nodes that are up.
+    pub async fn status(&self) -> Vec<NodeStatus> {
+        let mut status: Vec<NodeStatus> = {
+            let s = self.state.lock().unwrap();
+            (0..self.urls.len())
+                .map(|i| NodeStatus {
+                    url: self.urls[i].clone(),
+                    up: s.up[i],
+                    rooms: s
+                        .open
+                        .iter()
+                        .filter(|r| s.placed.get(*r) == Some(&i))
+                        .count(),
+                    participants: s.load[i],
+                    media_socket: None,
+                })
+                .collect()
+        };
+        let asked = status
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.up)
+            .map(|(i, _)| async move {
+                (
+                    i,
+                    tokio::time::timeout(STATUS_WAIT, self.media_socket(i)).await,
+                )
+            });
+        for (i, answer) in futures_util::future::join_all(asked).await {
+            match answer {
+                Ok(Ok(media)) => status[i].media_socket = media,
+                Ok(Err(e)) => warn!(node = %self.urls[i], "media socket status: {e}"),
+                Err(_) => {
+                    warn!(node = %self.urls[i], "media socket status: no answer in {STATUS_WAIT:?}")
+                }
+            }
+        }
+        status
+    }
+
+    async fn media_socket(&self, i: usize) -> Result<Option<MediaSocket>, RoomError> {
+        #[derive(Deserialize)]
+        struct Answer {
+            media_socket: Option<MediaSocket>,
+        }
+        let response = self.call(i, reqwest::Method::GET, "media", None).await?;
+        let answer: Answer = response
+            .json()
+            .await
+            .map_err(|e| RoomError::Unreachable(format!("{}: {e}", self.urls[i])))?;
+        Ok(answer.media_socket)
+    }
+
+    /// Every node is connected.
+    pub fn all_up(&self) -> bool {
+        self.state.lock().unwrap().up.iter().all(|u| *u)
     }
 
     /// At least one node can take rooms.

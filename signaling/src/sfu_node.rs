@@ -65,6 +65,7 @@ pub fn router(sfu: Arc<Sfu>, secret: &str) -> Router {
         .route("/session", get(session))
         .route("/events", get(events))
         .route("/rooms", get(rooms))
+        .route("/media", get(media))
         .route("/rooms/{room}", get(room))
         .route("/rooms/{room}/close", post(close))
         .route("/rooms/{room}/announce", post(announce))
@@ -127,6 +128,10 @@ fn no_room(room: &str) -> Response {
 
 async fn rooms(State(node): State<Node>) -> Response {
     Json(json!({ "rooms": node.sfu.rooms() })).into_response()
+}
+
+async fn media(State(node): State<Node>) -> Response {
+    Json(json!({ "media_socket": node.sfu.media_socket() })).into_response()
 }
 
 async fn room(State(node): State<Node>, Path(room): Path<String>) -> Response {

@@ -201,9 +201,9 @@ impl TestServer {
             let _ = rx.await;
         }));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !remote.status().iter().all(|n| n.up) {
+        while !remote.all_up() {
             if Instant::now() > deadline {
-                bail!("SFU nodes not connected: {:?}", remote.status());
+                bail!("SFU nodes not connected: {:?}", remote.status().await);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -122,6 +122,42 @@ async fn an_operator_sees_who_gets_what_removes_and_closes() {
     // A clean loopback link: no limit known.
     assert_eq!(ann_row["downlink"]["estimate_bps"], Value::Null);
 
+    // The media socket: the port media flows through, and a datagram from
+    // nowhere counted as unrouted, not as load.
+    let media = json("/sfu-nodes").await;
+    let mut got = Vec::new();
+    shape(&media, "", &mut got);
+    let mut documented = Vec::new();
+    let example = confer_signaling::doc_examples::marked("http-api.md", "admin-sfu-nodes-embedded");
+    shape(
+        &serde_json::from_str(&example).unwrap(),
+        "",
+        &mut documented,
+    );
+    assert_eq!(
+        got, documented,
+        "the media plane as served and as documented"
+    );
+    assert_eq!(media["mode"], "embedded");
+    let port = server.sfu().media_port().unwrap();
+    assert_eq!(media["media_socket"]["port"], port);
+    assert_eq!(media["media_socket"]["dropped_arriving"], 0);
+    assert_eq!(media["media_socket"]["dropped_sending"], 0);
+    let unrouted = |m: &Value| m["media_socket"]["unrouted"].as_u64().unwrap();
+    let before = unrouted(&media);
+    let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    stranger
+        .send_to(b"\x80not-media", ("127.0.0.1", port))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while unrouted(&json("/sfu-nodes").await) == before {
+        assert!(
+            Instant::now() < deadline,
+            "the stray datagram was never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     let one = json("/rooms/ops").await;
     assert_eq!(one["participants"].as_array().unwrap().len(), 2);
     let r = get("/rooms/nowhere", Some(SECRET)).await.unwrap();

@@ -73,6 +73,29 @@ async fn rooms_spread_over_sfu_nodes_and_are_driven_from_signaling() {
         let sent = admin(reqwest::Method::GET, path);
         async move { sent.await.unwrap().json::<Value>().await.unwrap() }
     };
+    // Both nodes up, each with its own media socket, as documented.
+    let nodes = get("/sfu-nodes").await;
+    assert_eq!(nodes["mode"], "split");
+    let example: Value = serde_json::from_str(&confer_signaling::doc_examples::marked(
+        "http-api.md",
+        "admin-sfu-nodes",
+    ))
+    .unwrap();
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    for (row, node) in nodes["nodes"].as_array().unwrap().iter().zip([&one, &two]) {
+        assert_eq!(keys(row), keys(&example["nodes"][0]));
+        assert_eq!(
+            keys(&row["media_socket"]),
+            keys(&example["nodes"][0]["media_socket"])
+        );
+        assert_eq!(row["url"], node.url.as_str());
+        assert_eq!(row["up"], true);
+        assert_eq!(row["media_socket"]["port"], node.sfu.media_port().unwrap());
+    }
     let rooms = get("/rooms").await;
     let ids: Vec<&str> = rooms["rooms"]
         .as_array()
