@@ -37,6 +37,10 @@ pub struct SfuConfig {
     /// send it only the video layers that fit. Off: every receiver gets what
     /// its tile size and loss ask for.
     pub bandwidth_estimation: bool,
+    /// Forward only this many of a room's microphones, the loudest (by the
+    /// audio levels clients send); 0 forwards every one. Silent ones are
+    /// never forwarded either way.
+    pub audio_last_n: usize,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -63,6 +67,7 @@ impl Default for SfuConfig {
             disconnect_timeout: Duration::from_secs(5),
             max_participants: 100,
             bandwidth_estimation: true,
+            audio_last_n: 6,
         }
     }
 }

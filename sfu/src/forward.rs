@@ -208,6 +208,29 @@ impl Rewriter {
 /// RFC 6464 level of digital silence: what a muted microphone sends.
 pub const SILENT: u8 = 127;
 
+/// Which of a room's microphones to forward, given each one's smoothed
+/// loudness (higher is louder) and whether it is forwarded now: the `n`
+/// loudest, where those already forwarded count [`LAST_N_MARGIN`] louder so
+/// two similar background noises do not swap places every tick. Ties keep
+/// the earlier one. `n == 0`: all of them.
+pub fn loudest(tracks: &[(u32, bool)], n: usize) -> Vec<bool> {
+    if n == 0 || tracks.len() <= n {
+        return vec![true; tracks.len()];
+    }
+    let mut order: Vec<usize> = (0..tracks.len()).collect();
+    let key = |i: usize| tracks[i].0 + if tracks[i].1 { LAST_N_MARGIN } else { 0 };
+    order.sort_by_key(|&i| std::cmp::Reverse(key(i)));
+    let mut out = vec![false; tracks.len()];
+    for &i in &order[..n] {
+        out[i] = true;
+    }
+    out
+}
+
+/// How much louder (in [`loudest`]'s units, dB) a microphone must be to
+/// take the place of one being forwarded.
+pub const LAST_N_MARGIN: u32 = 6;
+
 /// Muted microphones still send 50 packets/s of digital silence; in a large
 /// room that is most of the audio. Those packets are not forwarded, and the
 /// ones after are renumbered so every receiver sees a contiguous sequence
@@ -406,5 +429,26 @@ mod tests {
         let back = rtp::Packet::unmarshal(&mut p.marshal().unwrap()).unwrap();
         assert!(!back.header.extension);
         assert_eq!(back.payload, Bytes::from_static(b"x"));
+    }
+
+    #[test]
+    fn the_loudest_microphones_are_forwarded_and_the_rest_wait() {
+        // Fewer than n, or n = 0: everyone.
+        assert_eq!(loudest(&[(10, false), (50, true)], 2), [true, true]);
+        assert_eq!(loudest(&[(10, false), (50, true), (5, true)], 0), [true; 3]);
+        // The two loudest of four.
+        let got = loudest(&[(20, true), (90, true), (60, true), (70, true)], 2);
+        assert_eq!(got, [false, true, false, true]);
+        // A newcomer must be clearly louder to take a place: 3 dB more is
+        // not enough, 10 dB is.
+        let held = [(60, true), (63, false), (90, true)];
+        assert_eq!(loudest(&held, 2), [true, false, true]);
+        let taken = [(60, true), (70, false), (90, true)];
+        assert_eq!(loudest(&taken, 2), [false, true, true]);
+        // Equal: the earlier keeps it.
+        assert_eq!(
+            loudest(&[(40, false), (40, false), (40, false)], 1),
+            [true, false, false]
+        );
     }
 }

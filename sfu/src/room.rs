@@ -853,6 +853,24 @@ impl Room {
         }
     }
 
+    /// Forwards only the room's `audio_last_n` loudest microphones.
+    fn update_audible(&self) {
+        let n = self.sfu.upgrade().map_or(0, |s| s.config.audio_last_n);
+        let inner = self.inner.lock().unwrap();
+        let audio: Vec<&Arc<Published>> = inner
+            .tracks
+            .iter()
+            .filter(|t| t.info.kind == TrackKind::Audio)
+            .collect();
+        let levels: Vec<(u32, bool)> = audio
+            .iter()
+            .map(|t| (t.loudness(), t.is_audible()))
+            .collect();
+        for (t, audible) in audio.iter().zip(crate::forward::loudest(&levels, n)) {
+            t.set_audible(audible);
+        }
+    }
+
     /// Picks the loudest audio publisher, with hysteresis so the highlight
     /// does not flicker between two people talking over each other.
     fn update_speaker(&self) {
@@ -914,6 +932,7 @@ async fn tick_loop(room: Weak<Room>) {
         tick.tick().await;
         let Some(room) = room.upgrade() else { return };
         room.update_speaker();
+        room.update_audible();
         if n % allocate_every == 0 {
             room.allocate_bandwidth();
         }

@@ -13,7 +13,7 @@
 //! and the one it is switching to (see [`crate::simulcast`]).
 
 use crate::bandwidth::{self, Demand};
-use crate::forward::{AUDIO_LEVEL_URI, ExtensionMap, Rewriter, SilenceFilter, audio_level};
+use crate::forward::{AUDIO_LEVEL_URI, ExtensionMap, Rewriter, SILENT, SilenceFilter, audio_level};
 use crate::keyframe::{Decision, Limiter, is_keyframe_request};
 use crate::peer::Participant;
 use crate::simulcast::{self, Layers, MAX_LAYERS, Selector, Verdict};
@@ -76,6 +76,9 @@ pub struct Published {
     keyframes: [Mutex<Limiter>; MAX_LAYERS],
     /// Smoothed loudness (127 - dBov) × 16, for active-speaker detection.
     loudness: AtomicU32,
+    /// Among the room's `audio_last_n` loudest microphones (audio only;
+    /// packets without a level are forwarded regardless).
+    audible: AtomicBool,
     /// Packets seen, for stats and tests.
     pub packets: AtomicU64,
     /// The publisher's moderator-mute flag; audio only (video has none).
@@ -169,6 +172,7 @@ impl Published {
             keyframes: Default::default(),
             tap_layer: AtomicU8::new(0),
             loudness: AtomicU32::new(0),
+            audible: AtomicBool::new(true),
             packets: AtomicU64::new(0),
             blocked,
         }))
@@ -223,7 +227,10 @@ impl Published {
                         });
                     }
                     // After the tap: the recording keeps its timeline from the
-                    // publisher's own numbering.
+                    // publisher's own numbering, and hears every microphone.
+                    // One not among the loudest is dropped as silence is.
+                    let audible = self.audible.load(Ordering::Relaxed);
+                    let level = level.map(|l| if audible { l } else { SILENT });
                     if !silence.admit(&mut pkt, level) {
                         continue;
                     }
@@ -286,6 +293,17 @@ impl Published {
     /// Smoothed loudness, 0 (silent) to 127 (full scale).
     pub fn loudness(&self) -> u32 {
         self.loudness.load(Ordering::Relaxed) / 16
+    }
+
+    /// Whether it is among the loudest microphones, forwarded.
+    pub fn is_audible(&self) -> bool {
+        self.audible.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_audible(&self, audible: bool) {
+        if self.audible.swap(audible, Ordering::Relaxed) != audible {
+            debug!(track = %self.info.id, audible, "microphone among the loudest: changed");
+        }
     }
 
     /// Adds a receiver and starts its send and feedback tasks.

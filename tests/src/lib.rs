@@ -17,12 +17,12 @@ use futures_util::{SinkExt, StreamExt};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpCodingParameters, RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -516,6 +516,14 @@ fn client_media_engine(
 ) -> anyhow::Result<(MediaEngine, Registry)> {
     let mut me = MediaEngine::default();
     me.register_default_codecs()?;
+    // As browsers offer it, so [`Media::Speaking`] can send levels.
+    me.register_header_extension(
+        RTCRtpHeaderExtensionCapability {
+            uri: confer_sfu::forward::AUDIO_LEVEL_URI.to_owned(),
+        },
+        RtpCodecKind::Audio,
+        None,
+    )?;
     let registry = register_default_interceptors(Registry::new(), &mut me)?;
     // Nearest the wire, before the NACK generator and the congestion
     // feedback see what arrived.
@@ -676,6 +684,27 @@ impl Client {
             Some("video/VP8"),
             Media::Synthetic,
             LastHop::DropVideo(every),
+        )
+        .await
+    }
+
+    /// Joins publishing audio at the audio level `dbov` holds (and video).
+    pub async fn join_speaking(
+        server: &TestServer,
+        name: &str,
+        room: &str,
+        index: u8,
+        dbov: Arc<AtomicU8>,
+    ) -> anyhow::Result<Client> {
+        let token = server.token(name, room);
+        Self::join_with_media(
+            server,
+            name,
+            &token,
+            index,
+            Some("video/VP8"),
+            Media::Speaking(dbov),
+            LastHop::Clean,
         )
         .await
     }
@@ -1067,6 +1096,11 @@ async fn send_media(
         Kind::Audio => (Duration::from_millis(20), 960),
         Kind::Video => (Duration::from_millis(33), 3000),
     };
+    let level = match (&media, kind) {
+        (Media::Speaking(level), Kind::Audio) => Some(level.clone()),
+        _ => None,
+    };
+    let mut level_id = None;
     let mut tick = tokio::time::interval(interval);
     let mut counter: u32 = 0;
     let mut seq: u16 = rand::random();
@@ -1086,8 +1120,14 @@ async fn send_media(
                 return;
             };
             pt = params.rtp_parameters.codecs.first().map(|c| c.payload_type);
+            level_id = params
+                .rtp_parameters
+                .header_extensions
+                .iter()
+                .find(|e| e.uri == confer_sfu::forward::AUDIO_LEVEL_URI)
+                .map(|e| e.id as u8);
         }
-        let pkt = rtp::Packet {
+        let mut pkt = rtp::Packet {
             header: rtp::header::Header {
                 version: 2,
                 marker: kind == Kind::Video,
@@ -1099,6 +1139,12 @@ async fn send_media(
             },
             payload: payload(index, kind, counter),
         };
+        if let (Some(level), Some(id)) = (&level, level_id) {
+            let dbov = level.load(Ordering::Relaxed).min(127);
+            let _ = pkt
+                .header
+                .set_extension(id, Bytes::copy_from_slice(&[dbov]));
+        }
         if local.write_rtp(pkt).await.is_err() {
             // A track added later is not bound until its offer is answered.
             if counter == 0 && started.elapsed() < Duration::from_secs(60) {
@@ -1117,6 +1163,9 @@ async fn send_media(
 pub enum Media {
     /// Self-describing payloads that receivers check byte by byte.
     Synthetic,
+    /// Synthetic, with the audio level (RFC 6464, dBov: 0 loudest, 127
+    /// silent) that browsers send on every audio packet; changeable.
+    Speaking(Arc<AtomicU8>),
     Real(Arc<RealMedia>),
 }
 

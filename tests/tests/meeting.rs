@@ -365,3 +365,72 @@ async fn the_first_answer_carries_the_sfu_candidate() {
         "candidates name ports {named:?}, not the shared {port}:\n{sdp}"
     );
 }
+
+/// A room with more open microphones than `sfu.audio_last_n` forwards only
+/// the loudest; one that gets louder takes the place of the quietest of
+/// them, and video is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_loudest_microphones_are_forwarded() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU8, Ordering};
+    init_logging();
+    let server = TestServer::start_with(|c| c.sfu.audio_last_n = 2)
+        .await
+        .unwrap();
+    // dBov: 0 is full scale, 127 silence. Ann and Bo talk; Cy and Di are
+    // open microphones in quieter rooms.
+    let levels: Vec<Arc<AtomicU8>> = [20, 30, 60, 70]
+        .into_iter()
+        .map(|l| Arc::new(AtomicU8::new(l)))
+        .collect();
+    let mut speakers = Vec::new();
+    for (i, name) in ["ann", "bo", "cy", "di"].into_iter().enumerate() {
+        let level = levels[i].clone();
+        let c = Client::join_speaking(&server, name, "loud", i as u8 + 1, level);
+        speakers.push(c.await.unwrap());
+    }
+    let lu = Client::join(&server, "lu", "loud", 9, false).await.unwrap();
+    wait_for("everyone's video", Duration::from_secs(20), || {
+        speakers
+            .iter()
+            .all(|s| lu.received(&s.participant_id, Kind::Video).packets.len() > 30)
+    })
+    .await;
+
+    // What Lu hears of each in two seconds (50 packets/s each), once the
+    // levels have settled.
+    let heard_over_two_seconds = async || {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let count = || {
+            speakers
+                .iter()
+                .map(|s| lu.received(&s.participant_id, Kind::Audio).packets.len())
+                .collect::<Vec<_>>()
+        };
+        let before = count();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        count()
+            .iter()
+            .zip(before)
+            .map(|(after, before)| after - before)
+            .collect::<Vec<_>>()
+    };
+    let heard = heard_over_two_seconds().await;
+    assert!(heard[0] > 70 && heard[1] > 70, "the two loudest: {heard:?}");
+    assert_eq!(heard[2..], [0, 0], "the quieter ones: {heard:?}");
+
+    // Di starts talking, louder than anyone: she is heard, and Bo, now the
+    // third loudest, is not.
+    levels[3].store(10, Ordering::Relaxed);
+    let heard = heard_over_two_seconds().await;
+    assert!(heard[0] > 70 && heard[3] > 70, "Ann and Di: {heard:?}");
+    assert_eq!([heard[1], heard[2]], [0, 0], "Bo and Cy: {heard:?}");
+    // Video never depended on it.
+    for s in &speakers {
+        let before = lu.received(&s.participant_id, Kind::Video).packets.len();
+        wait_for("video still flowing", Duration::from_secs(5), || {
+            lu.received(&s.participant_id, Kind::Video).packets.len() > before + 10
+        })
+        .await;
+    }
+}
