@@ -208,8 +208,9 @@ impl Rewriter {
 /// RFC 6464 level of digital silence: what a muted microphone sends.
 pub const SILENT: u8 = 127;
 
-/// Which of a room's microphones to forward, given each one's smoothed
-/// loudness (higher is louder) and whether it is forwarded now: the `n`
+/// Which of a room's microphones to forward, given each one's level
+/// ([`follow_peak`], in dB, higher is louder) and whether it is forwarded
+/// now: the `n`
 /// loudest, where those already forwarded count [`LAST_N_MARGIN`] louder so
 /// two similar background noises do not swap places every tick. Ties keep
 /// the earlier one. `n == 0`: all of them.
@@ -230,6 +231,20 @@ pub fn loudest(tracks: &[(u32, bool)], n: usize) -> Vec<bool> {
 /// How much louder (in [`loudest`]'s units, dB) a microphone must be to
 /// take the place of one being forwarded.
 pub const LAST_N_MARGIN: u32 = 6;
+
+/// The next value of a level follower that rises within a few packets and
+/// falls over about 300 ms (16 packets), in 1/16 dB: someone who starts to
+/// talk outranks background noise after 2–3 packets, and a pause between
+/// words does not give their place away. `dbov` is the packet's RFC 6464
+/// level.
+pub fn follow_peak(peak: u32, dbov: u8) -> u32 {
+    let sample = (127 - u32::from(dbov.min(127))) * 16;
+    if sample > peak {
+        (peak + sample).div_ceil(2)
+    } else {
+        (peak * 15 + sample) / 16
+    }
+}
 
 /// Muted microphones still send 50 packets/s of digital silence; in a large
 /// room that is most of the audio. Those packets are not forwarded, and the
@@ -429,6 +444,35 @@ mod tests {
         let back = rtp::Packet::unmarshal(&mut p.marshal().unwrap()).unwrap();
         assert!(!back.header.extension);
         assert_eq!(back.payload, Bytes::from_static(b"x"));
+    }
+
+    #[test]
+    fn the_peak_follower_rises_at_once_and_falls_slowly() {
+        // Background noise at 70 dBov (57 dB above silence) for a while.
+        let mut peak = 0;
+        for _ in 0..100 {
+            peak = follow_peak(peak, 70);
+        }
+        assert_eq!(peak / 16, 57);
+        // Talking at 20 dBov: above noise + margin after 2 packets (40 ms).
+        let mut talking = peak;
+        for _ in 0..2 {
+            talking = follow_peak(talking, 20);
+        }
+        assert!(talking / 16 > 57 + LAST_N_MARGIN, "{}", talking / 16);
+        // A 100 ms pause (5 packets of silence) keeps it well above the noise.
+        for _ in 0..20 {
+            talking = follow_peak(talking, 20);
+        }
+        for _ in 0..5 {
+            talking = follow_peak(talking, 127);
+        }
+        assert!(talking / 16 > 57 + LAST_N_MARGIN, "{}", talking / 16);
+        // Silence for seconds brings it down to nothing.
+        for _ in 0..300 {
+            talking = follow_peak(talking, 127);
+        }
+        assert_eq!(talking / 16, 0);
     }
 
     #[test]

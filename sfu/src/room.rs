@@ -862,10 +862,7 @@ impl Room {
             .iter()
             .filter(|t| t.info.kind == TrackKind::Audio)
             .collect();
-        let levels: Vec<(u32, bool)> = audio
-            .iter()
-            .map(|t| (t.loudness(), t.is_audible()))
-            .collect();
+        let levels: Vec<(u32, bool)> = audio.iter().map(|t| (t.peak(), t.is_audible())).collect();
         for (t, audible) in audio.iter().zip(crate::forward::loudest(&levels, n)) {
             t.set_audible(audible);
         }
@@ -922,17 +919,21 @@ fn warn_if_slow(started: std::time::Instant, participant: &str, what: &str) {
     }
 }
 
-/// The room's periodic work: the active speaker, the layers that fit each
+/// The room's periodic work: the microphones forwarded (every tick, so a
+/// new voice waits little), the active speaker, the layers that fit each
 /// receiver's bandwidth.
 async fn tick_loop(room: Weak<Room>) {
-    const TICK: Duration = Duration::from_millis(250);
+    const TICK: Duration = Duration::from_millis(125);
+    const SPEAKER_EVERY: u128 = 2;
     let mut tick = tokio::time::interval(TICK);
     let allocate_every = (bandwidth::ALLOCATE_EVERY.as_millis() / TICK.as_millis()).max(1);
     for n in 0u128.. {
         tick.tick().await;
         let Some(room) = room.upgrade() else { return };
-        room.update_speaker();
         room.update_audible();
+        if n % SPEAKER_EVERY == 0 {
+            room.update_speaker();
+        }
         if n % allocate_every == 0 {
             room.allocate_bandwidth();
         }

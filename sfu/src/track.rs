@@ -13,7 +13,9 @@
 //! and the one it is switching to (see [`crate::simulcast`]).
 
 use crate::bandwidth::{self, Demand};
-use crate::forward::{AUDIO_LEVEL_URI, ExtensionMap, Rewriter, SILENT, SilenceFilter, audio_level};
+use crate::forward::{
+    self, AUDIO_LEVEL_URI, ExtensionMap, Rewriter, SILENT, SilenceFilter, audio_level,
+};
 use crate::keyframe::{Decision, Limiter, is_keyframe_request};
 use crate::peer::Participant;
 use crate::simulcast::{self, Layers, MAX_LAYERS, Selector, Verdict};
@@ -79,6 +81,9 @@ pub struct Published {
     /// Among the room's `audio_last_n` loudest microphones (audio only;
     /// packets without a level are forwarded regardless).
     audible: AtomicBool,
+    /// Level for that ranking ([`forward::follow_peak`], 1/16 dB): quicker
+    /// to rise than `loudness`, so a new voice is let in at once.
+    peak: AtomicU32,
     /// Packets seen, for stats and tests.
     pub packets: AtomicU64,
     /// The publisher's moderator-mute flag; audio only (video has none).
@@ -173,6 +178,7 @@ impl Published {
             tap_layer: AtomicU8::new(0),
             loudness: AtomicU32::new(0),
             audible: AtomicBool::new(true),
+            peak: AtomicU32::new(0),
             packets: AtomicU64::new(0),
             blocked,
         }))
@@ -288,11 +294,19 @@ impl Published {
         let prev = self.loudness.load(Ordering::Relaxed);
         self.loudness
             .store((prev * 9 + sample) / 10, Ordering::Relaxed);
+        let peak = self.peak.load(Ordering::Relaxed);
+        self.peak
+            .store(forward::follow_peak(peak, dbov), Ordering::Relaxed);
     }
 
     /// Smoothed loudness, 0 (silent) to 127 (full scale).
     pub fn loudness(&self) -> u32 {
         self.loudness.load(Ordering::Relaxed) / 16
+    }
+
+    /// Its level for ranking microphones, 0 (silent) to 127 (full scale).
+    pub fn peak(&self) -> u32 {
+        self.peak.load(Ordering::Relaxed) / 16
     }
 
     /// Whether it is among the loudest microphones, forwarded.
