@@ -675,17 +675,8 @@ impl Client {
         index: u8,
         every: u32,
     ) -> anyhow::Result<Client> {
-        let token = server.token(name, room);
-        Self::join_with_media(
-            server,
-            name,
-            &token,
-            index,
-            Some("video/VP8"),
-            Media::Synthetic,
-            LastHop::DropVideo(every),
-        )
-        .await
+        let (video, hop) = (Some("video/VP8"), LastHop::DropVideo(every));
+        Self::join_room(server, name, room, index, video, Media::Synthetic, hop).await
     }
 
     /// Joins publishing audio at the audio level `dbov` holds (and video).
@@ -696,17 +687,8 @@ impl Client {
         index: u8,
         dbov: Arc<AtomicU8>,
     ) -> anyhow::Result<Client> {
-        let token = server.token(name, room);
-        Self::join_with_media(
-            server,
-            name,
-            &token,
-            index,
-            Some("video/VP8"),
-            Media::Speaking(dbov),
-            LastHop::Clean,
-        )
-        .await
+        let (video, media) = (Some("video/VP8"), Media::Speaking(dbov));
+        Self::join_room(server, name, room, index, video, media, LastHop::Clean).await
     }
 
     /// Joins publishing nothing, receiving through `hop`.
@@ -717,8 +699,21 @@ impl Client {
         index: u8,
         hop: LastHop,
     ) -> anyhow::Result<Client> {
+        Self::join_room(server, name, room, index, None, Media::Synthetic, hop).await
+    }
+
+    /// [`Client::join_with_media`] with a token for `room`.
+    async fn join_room(
+        server: &TestServer,
+        name: &str,
+        room: &str,
+        index: u8,
+        video_codec: Option<&str>,
+        media: Media,
+        hop: LastHop,
+    ) -> anyhow::Result<Client> {
         let token = server.token(name, room);
-        Self::join_with_media(server, name, &token, index, None, Media::Synthetic, hop).await
+        Self::join_with_media(server, name, &token, index, video_codec, media, hop).await
     }
 
     /// Joins publishing real Opus (a tone) and VP8 (given frames).
