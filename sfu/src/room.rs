@@ -469,7 +469,7 @@ impl Room {
                                 t.receivers()
                                     .iter()
                                     .filter(|r| r.subscriber == p.id)
-                                    .map(|r| r.reception(&t.info.id))
+                                    .map(|r| r.reception(t))
                                     .collect::<Vec<_>>()
                             })
                             .collect(),

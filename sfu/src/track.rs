@@ -135,6 +135,10 @@ pub struct Reception {
     pub requested: simulcast::Quality,
     /// Paused because its link fits no layer of the video.
     pub paused: bool,
+    /// A microphone not among the room's `audio_last_n` loudest: sent to
+    /// nobody for now.
+    #[serde(default)]
+    pub left_out: bool,
 }
 
 /// A receiver's forwarding state, locked only by the track's forwarding
@@ -560,14 +564,15 @@ impl Receiver {
         }
     }
 
-    /// How it receives the track `track_id`, for the admin API.
-    pub(crate) fn reception(&self, track_id: &str) -> Reception {
+    /// How it receives `track`, for the admin API.
+    pub(crate) fn reception(&self, track: &Published) -> Reception {
         let current = self.current.load(Ordering::Relaxed);
         Reception {
-            track_id: track_id.to_owned(),
+            track_id: track.info.id.clone(),
             layer: (current != NO_LAYER && !self.is_off()).then_some(current),
             requested: simulcast::Quality::of_layer(self.requested.load(Ordering::Relaxed)),
             paused: self.allowed.load(Ordering::Relaxed) == simulcast::OFF,
+            left_out: !track.is_audible(),
         }
     }
 

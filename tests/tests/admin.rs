@@ -118,6 +118,7 @@ async fn an_operator_sees_who_gets_what_removes_and_closes() {
         assert_eq!(r["layer"], 0);
         assert_eq!(r["requested"], "high");
         assert_eq!(r["paused"], false);
+        assert_eq!(r["left_out"], false);
     }
     // A clean loopback link: no limit known.
     assert_eq!(ann_row["downlink"]["estimate_bps"], Value::Null);

@@ -418,6 +418,24 @@ async fn only_the_loudest_microphones_are_forwarded() {
     let heard = heard_over_two_seconds().await;
     assert!(heard[0] > 70 && heard[1] > 70, "the two loudest: {heard:?}");
     assert_eq!(heard[2..], [0, 0], "the quieter ones: {heard:?}");
+    // The admin view says so, for Lu.
+    let room = server.sfu().room("loud").unwrap().summary();
+    let lu_row = room
+        .participants
+        .iter()
+        .find(|p| p.summary.id == lu.participant_id)
+        .unwrap();
+    let left_out = |who: &Client| {
+        let audio = format!("{}-", who.participant_id);
+        lu_row
+            .downlink
+            .receiving
+            .iter()
+            .filter(|r| r.track_id.starts_with(&audio))
+            .any(|r| r.left_out)
+    };
+    let shown: Vec<bool> = speakers.iter().map(left_out).collect();
+    assert_eq!(shown, [false, false, true, true]);
 
     // Di starts talking, louder than anyone: she is heard, and Bo, now the
     // third loudest, is not.
