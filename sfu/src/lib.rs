@@ -13,7 +13,8 @@
 //! - [`bandwidth`]: each receiver's estimated downlink and the layers that fit.
 //! - [`keyframe`]: PLI/FIR relay, coalesced and rate-limited.
 //! - [`tap`]: a room's media as it arrives, for the recorder.
-//! - `mux`: every participant's media on one UDP port.
+//! - `mux`: every participant's media on one UDP port; `outbox`: its sends,
+//!   batched.
 //! - [`config`]: media-plane settings.
 //!
 //! The SFU knows nothing of tokens, schedules or WebSockets: signaling admits
@@ -25,6 +26,7 @@ mod error;
 pub mod forward;
 pub mod keyframe;
 mod mux;
+mod outbox;
 pub mod peer;
 pub mod room;
 pub mod simulcast;

@@ -21,6 +21,8 @@
 //! candidates name that socket's port. That socket is closed at once, and
 //! [`Endpoint::public`] puts the shared port in its place in every
 //! description and candidate that goes to the client.
+//!
+//! Sends wait in an [`Outbox`] and leave in `sendmmsg` batches.
 
 use bytes::{Bytes, BytesMut};
 use rand::Rng;
@@ -37,6 +39,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tracing::{debug, trace, warn};
+
+use crate::outbox::Outbox;
 use webrtc::runtime::{
     AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, RecvMeta, Runtime,
     Transmit,
@@ -66,11 +70,12 @@ const SOCKET_BUFFER: usize = 32 * 1024 * 1024;
 pub(crate) struct Mux {
     shared: Arc<Shared>,
     reader: tokio::task::JoinHandle<()>,
+    sender: tokio::task::JoinHandle<()>,
 }
 
 struct Shared {
-    /// For sending; the reader task reads a handle of its own.
-    socket: std::net::UdpSocket,
+    /// Sends; the reader task reads a handle of its own.
+    outbox: Outbox,
     local: SocketAddr,
     routes: Mutex<Routes>,
     /// Datagrams that came for no connection, or as a check that failed
@@ -78,7 +83,8 @@ struct Shared {
     unrouted: AtomicU64,
     /// Datagrams for a connection whose driver was too far behind.
     dropped_arriving: AtomicU64,
-    /// Datagrams not sent because the socket's buffer was full.
+    /// Datagrams not sent because the socket's buffer was full, or too
+    /// many were waiting for it.
     dropped_sending: AtomicU64,
     /// When the last warning about dropping went out, in ms after `started`
     /// (0: never).
@@ -97,8 +103,8 @@ pub struct MediaSocket {
     /// Datagrams dropped on arrival because their connection was too far
     /// behind: the server is short of CPU.
     pub dropped_arriving: u64,
-    /// Datagrams dropped because the socket's send buffer was full: short
-    /// of CPU, or of `net.core.wmem_max`.
+    /// Datagrams dropped because the socket's send buffer was full, or too
+    /// many were waiting to be sent: short of CPU, or of `net.core.wmem_max`.
     pub dropped_sending: u64,
 }
 
@@ -156,7 +162,7 @@ impl Mux {
         let local = socket.local_addr()?;
         let reading = socket.try_clone()?;
         let shared = Arc::new(Shared {
-            socket,
+            outbox: Outbox::new(socket),
             local,
             routes: Mutex::new(Routes::default()),
             unrouted: AtomicU64::new(0),
@@ -170,7 +176,12 @@ impl Mux {
             shared.clone(),
             reading,
         )));
-        Ok(Mux { shared, reader })
+        let sender = tokio::spawn(send_loop(shared.clone()));
+        Ok(Mux {
+            shared,
+            reader,
+            sender,
+        })
     }
 
     pub(crate) fn local_addr(&self) -> SocketAddr {
@@ -214,6 +225,7 @@ impl Mux {
 impl Drop for Mux {
     fn drop(&mut self) {
         self.reader.abort();
+        self.sender.abort();
     }
 }
 
@@ -321,6 +333,14 @@ async fn read_loop(shared: Arc<Shared>, socket: UdpSocket) {
     }
 }
 
+/// Sends what the drivers left in the outbox, at the end of each round.
+async fn send_loop(shared: Arc<Shared>) {
+    loop {
+        let sent = shared.outbox.send_when_ready().await;
+        shared.dropped_sending(sent.dropped);
+    }
+}
+
 enum Routed {
     Delivered,
     /// For no connection, or a forged check.
@@ -371,6 +391,13 @@ impl Shared {
 
     /// Called on every datagram dropped for want of CPU or buffer; warns
     /// now and then, with the totals.
+    fn dropped_sending(&self, n: u64) {
+        if n > 0 {
+            self.dropped_sending.fetch_add(n, Ordering::Relaxed);
+            self.overloaded();
+        }
+    }
+
     fn overloaded(&self) {
         let now = (self.started.elapsed().as_millis() as u64).max(1);
         let last = self.warned_ms.load(Ordering::Relaxed);
@@ -609,21 +636,13 @@ impl AsyncUdpSocket for MuxSocket {
     fn poll_send(&self, _cx: &mut Context<'_>, transmit: &Transmit<'_>) -> Poll<io::Result<usize>> {
         // max_gso_segments is 1, so every transmit is one datagram. Never
         // Pending: every connection's driver sends on this socket, and
-        // waiting for room would need a waker per driver. With the buffer
-        // full the datagram is dropped, as a router would; NACKs and DTLS
+        // waiting for room would need a waker per driver. Without room the
+        // datagram is dropped, as a router would; NACKs and DTLS
         // retransmissions recover.
         let shared = &self.endpoint.shared;
-        match shared
-            .socket
-            .send_to(transmit.contents, transmit.destination)
-        {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                shared.dropped_sending.fetch_add(1, Ordering::Relaxed);
-                shared.overloaded();
-                Poll::Ready(Ok(transmit.contents.len()))
-            }
-            sent => Poll::Ready(sent),
-        }
+        let dropped = shared.outbox.push(transmit.destination, transmit.contents);
+        shared.dropped_sending(dropped);
+        Poll::Ready(Ok(transmit.contents.len()))
     }
 
     fn poll_recv(
