@@ -7,8 +7,8 @@
 //! ufrag for that connection, and teaches the route its sender's address
 //! when it proves the connection's password; everything else goes by that
 //! address. The SFU chooses ufrags and passwords itself ([`Mux::endpoint`]),
-//! so it knows them before the connection exists. Sends go straight out of
-//! the shared socket.
+//! so it knows them before the connection exists. Sends wait in an
+//! [`Outbox`] and leave the shared socket in `sendmmsg` batches.
 //!
 //! The reader drains the socket before it yields (it only routes, which is
 //! cheap): when the server is busy, as with a hundred people joining at
@@ -21,8 +21,6 @@
 //! candidates name that socket's port. That socket is closed at once, and
 //! [`Endpoint::public`] puts the shared port in its place in every
 //! description and candidate that goes to the client.
-//!
-//! Sends wait in an [`Outbox`] and leave in `sendmmsg` batches.
 
 use bytes::{Bytes, BytesMut};
 use rand::Rng;
