@@ -330,6 +330,57 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn drivers_on_several_threads_lose_nothing_and_keep_their_order() {
+        const DRIVERS: u8 = 4;
+        // Few enough to fit the receiver's socket buffer unread.
+        const EACH: u16 = 50;
+        let a = receiver();
+        let to = a.local_addr().unwrap();
+        let reader = std::thread::spawn(move || {
+            (0..DRIVERS as usize * EACH as usize)
+                .map(|_| recv(&a))
+                .collect::<Vec<_>>()
+        });
+        let outbox = std::sync::Arc::new(Outbox::new(sender()));
+        let task = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move {
+                loop {
+                    outbox.send_when_ready().await;
+                }
+            })
+        };
+        let drivers: Vec<_> = (0..DRIVERS)
+            .map(|d| {
+                let outbox = outbox.clone();
+                tokio::spawn(async move {
+                    for n in 0..EACH {
+                        let [hi, lo] = n.to_be_bytes();
+                        assert_eq!(outbox.push(to, &[d, hi, lo]), 0);
+                        if n % 8 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for d in drivers {
+            d.await.unwrap();
+        }
+        let got = tokio::task::spawn_blocking(move || reader.join().unwrap())
+            .await
+            .unwrap();
+        task.abort();
+        let mut next = [0u16; DRIVERS as usize];
+        for datagram in got {
+            let d = datagram[0] as usize;
+            assert_eq!(u16::from_be_bytes([datagram[1], datagram[2]]), next[d]);
+            next[d] += 1;
+        }
+        assert_eq!(next, [EACH; DRIVERS as usize]);
+    }
+
     #[test]
     fn while_a_batch_is_being_sent_what_waits_is_bounded() {
         let outbox = Outbox::new(sender());
