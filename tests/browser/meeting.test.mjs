@@ -82,8 +82,8 @@ async function openPage(path, origin = base) {
 }
 
 // The demo login schedules a meeting and opens it as its moderator.
-async function scheduleMeeting(name, title) {
-  const page = await openPage('/');
+async function scheduleMeeting(name, title, origin = base) {
+  const page = await openPage('/', origin);
   await page.fill('#name', name);
   await page.fill('#title', title);
   await page.click('button[type=submit]');
@@ -202,14 +202,27 @@ function resizeRemoteTiles(page, px) {
 }
 
 test('each viewer gets the simulcast layer that fits its tile, also after renegotiation', async () => {
-  const { page: ana, path } = await scheduleMeeting('Ana', 'Layers');
-  const bo = await openPage(`${path}?name=Bo`);
+  // Without bandwidth estimation the tile alone decides. With it, a CI
+  // machine starved by three browsers queues packets on loopback, which
+  // looks like congestion, and a video rightly drops a layer (seen in CI);
+  // that half has its own tests in sfu/src/bandwidth.rs.
+  const own = await startConfer({ CONFER_SFU_BANDWIDTH_ESTIMATION: 'false' });
+  try {
+    await layersFollowTiles(own.url);
+  } finally {
+    own.proc.kill('SIGTERM');
+  }
+});
+
+async function layersFollowTiles(origin) {
+  const { page: ana, path } = await scheduleMeeting('Ana', 'Layers', origin);
+  const bo = await openPage(`${path}?name=Bo`, origin);
   await assertMediaFlowing(ana, 1, 'Ana');
   // Bo's 640×480 camera goes out as two layers: 320×240 (h) and 640×480 (f).
   await waitFor('Bo sending two layers', 15000, async () => (await videoStats(bo)).sent.join() === 'f,h');
   // Cy joins once Bo's media flows: the server renegotiates Bo's connection
   // (to send him Cy), after the browser has had receiver reports.
-  const cy = await openPage(`${path}?name=Cy`);
+  const cy = await openPage(`${path}?name=Cy`, origin);
   await assertMediaFlowing(ana, 2, 'Ana with Cy');
 
   // Ana's large tiles get the full layers, small ones the half, and back.
@@ -220,7 +233,8 @@ test('each viewer gets the simulcast layer that fits its tile, also after renego
     const before = (await videoStats(ana)).frames;
     await new Promise((r) => setTimeout(r, 2000));
     const after = await videoStats(ana);
-    assert.deepEqual(after.widths, [width, width], `still ${width} px`);
+    assert.deepEqual(after.widths, [width, width],
+      `still ${width} px; servers' latest log lines:\n${serverLog.join('\n')}`);
     // Two videos at 5 fps or more: a busy CI machine decodes about 10.
     assert.ok(after.frames > before + 20, `frames decoded after the switch: ${before} → ${after.frames}`);
   }
@@ -244,7 +258,7 @@ test('each viewer gets the simulcast layer that fits its tile, also after renego
   });
   await assertMediaFlowing(ana, 2, 'Ana, tiles shown again');
   for (const p of [ana, bo, cy]) await p.context().close();
-});
+}
 
 test('the moderator records; the recordings list shows it and it plays to the end', async () => {
   const { page: ana, path } = await scheduleMeeting('Ana', 'Recorded review');
