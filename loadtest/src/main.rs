@@ -63,6 +63,10 @@ struct Cli {
     /// video bitrate), as browsers send a camera. Confer only.
     #[arg(long)]
     simulcast: bool,
+    /// Send each video frame's packets at once instead of pacing them as
+    /// a browser does (2.5 times the bitrate, a burst every 5 ms).
+    #[arg(long)]
+    no_pacing: bool,
     /// Seconds between keyframes.
     #[arg(long)]
     keyframe_interval: Option<f64>,
@@ -116,6 +120,7 @@ fn plan(cli: &Cli) -> anyhow::Result<Plan> {
     }
     p.ramp_per_s = cli.ramp.unwrap_or(p.ramp_per_s);
     p.simulcast = cli.simulcast;
+    p.pacing = !cli.no_pacing;
     anyhow::ensure!(
         !(p.simulcast && (cli.janus || cli.probe)),
         "--simulcast: Confer only (the Janus adapter and the probe forward one stream per track)"

@@ -246,8 +246,9 @@ impl TrackSource {
         self.speaking
     }
 
-    /// This tick's packets, each with its marker counter, stamped now.
-    pub fn next_packets(&mut self, video: &VideoShape) -> Vec<(u32, rtp::Packet)> {
+    /// This tick's packets, in order; each gets its marker's time when it
+    /// is [`Outgoing::stamped`].
+    pub fn next_packets(&mut self, video: &VideoShape) -> Vec<Outgoing> {
         let (payloads, ts_step) = match self.kind {
             Kind::Audio => (vec![audio_payload()], AUDIO_TS_STEP),
             Kind::Video => {
@@ -259,16 +260,7 @@ impl TrackSource {
         };
         let last = payloads.len() - 1;
         let mut out = Vec::with_capacity(payloads.len());
-        for (i, mut payload) in payloads.into_iter().enumerate() {
-            let at = payload.len() - MARKER_LEN;
-            let marker = Marker {
-                publisher: self.publisher,
-                kind: self.kind,
-                layer: self.layer,
-                seq: self.counter,
-                sent_us: clock(),
-            };
-            marker.write((&mut payload[at..]).try_into().expect("marker length"));
+        for (i, payload) in payloads.into_iter().enumerate() {
             let header = rtp::header::Header {
                 version: 2,
                 marker: self.kind == Kind::Video && i == last,
@@ -278,18 +270,114 @@ impl TrackSource {
                 ssrc: self.ssrc,
                 ..Default::default()
             };
-            out.push((
-                self.counter,
-                rtp::Packet {
-                    header,
-                    payload: payload.into(),
-                },
-            ));
+            let marker = Marker {
+                publisher: self.publisher,
+                kind: self.kind,
+                layer: self.layer,
+                seq: self.counter,
+                sent_us: 0,
+            };
+            out.push(Outgoing {
+                header,
+                payload,
+                marker,
+            });
             self.counter += 1;
             self.rtp_seq = self.rtp_seq.wrapping_add(1);
         }
         self.timestamp = self.timestamp.wrapping_add(ts_step);
         out
+    }
+}
+
+/// One packet of a tick, not yet stamped.
+pub struct Outgoing {
+    header: rtp::header::Header,
+    payload: Vec<u8>,
+    marker: Marker,
+}
+
+impl Outgoing {
+    /// Payload bytes, what the pacer counts.
+    pub fn bytes(&self) -> usize {
+        self.payload.len()
+    }
+
+    /// Its marker counter and the RTP packet, stamped now: latency counts
+    /// from when the packet leaves, not from when its frame was made.
+    pub fn stamped(self) -> (u32, rtp::Packet) {
+        let Outgoing {
+            header,
+            mut payload,
+            mut marker,
+        } = self;
+        marker.sent_us = clock();
+        let at = payload.len() - MARKER_LEN;
+        marker.write((&mut payload[at..]).try_into().expect("marker length"));
+        let packet = rtp::Packet {
+            header,
+            payload: payload.into(),
+        };
+        (marker.seq, packet)
+    }
+}
+
+/// Spreads a video's packets as a browser does. libwebrtc's pacer sends at
+/// 2.5 times the target bitrate, a burst every 5 ms, so a keyframe six times
+/// a frame's size leaves over tens of milliseconds; sent all at once, it
+/// would queue in the server behind itself and inflate the latency tail
+/// with bursts no browser makes. Audio is not paced (libwebrtc sends it
+/// first).
+pub struct Pacer {
+    /// Bytes per second; infinite when not pacing.
+    rate: f64,
+    /// Most bytes sendable at once: one burst's worth.
+    burst: f64,
+    budget: f64,
+    refilled: tokio::time::Instant,
+}
+
+/// libwebrtc's pacing factor and burst interval.
+pub const PACING_FACTOR: f64 = 2.5;
+pub const PACE_EVERY: Duration = Duration::from_millis(5);
+
+impl Pacer {
+    /// Pacing a video of `bits_per_second` in all (all its simulcast layers).
+    pub fn new(bits_per_second: u64) -> Pacer {
+        let rate = bits_per_second as f64 * PACING_FACTOR / 8.0;
+        let burst = rate * PACE_EVERY.as_secs_f64();
+        Pacer {
+            rate,
+            burst,
+            budget: burst,
+            refilled: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Sends everything at once (`--no-pacing`, and audio).
+    pub fn unpaced() -> Pacer {
+        Pacer {
+            rate: f64::INFINITY,
+            burst: f64::INFINITY,
+            budget: f64::INFINITY,
+            refilled: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Waits until a packet of `bytes` may leave. As libwebrtc's budget, a
+    /// packet leaves while any budget is left, even if it overdraws it.
+    pub async fn wait_for(&mut self, bytes: usize) {
+        loop {
+            let now = tokio::time::Instant::now();
+            let earned = now.duration_since(self.refilled).as_secs_f64() * self.rate;
+            self.budget = (self.budget + earned).min(self.burst);
+            self.refilled = now;
+            if self.budget > 0.0 {
+                self.budget -= bytes as f64;
+                return;
+            }
+            tokio::time::sleep(PACE_EVERY).await;
+        }
     }
 }
 
@@ -334,5 +422,46 @@ mod tests {
         assert!((bps / 1_200_000.0 - 1.0).abs() < 0.05, "{bps} bit/s");
         // 5 kB frames average four to five 1200-byte packets.
         assert!(packets > frames as usize * 4, "{packets}");
+    }
+
+    /// Sends a frame of `packets` packets of `size` bytes through `pacer`;
+    /// returns when each left, in ms from the start (virtual time).
+    async fn pace(pacer: &mut Pacer, packets: usize, size: usize) -> Vec<u64> {
+        let start = tokio::time::Instant::now();
+        let mut at = Vec::new();
+        for _ in 0..packets {
+            pacer.wait_for(size).await;
+            at.push(start.elapsed().as_millis() as u64);
+        }
+        at
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_keyframe_leaves_over_tens_of_milliseconds() {
+        // 1.2 Mbit/s paced at 3 Mbit/s: 1875 bytes per 5 ms burst, so a
+        // 30 kB keyframe of 25 packets takes about 75 ms: two packets in
+        // the first burst (the second overdrawing), then one or two a burst.
+        let mut pacer = Pacer::new(1_200_000);
+        let at = pace(&mut pacer, 25, 1200).await;
+        assert_eq!(&at[..2], &[0, 0]);
+        assert!((70..=80).contains(&at[24]), "{at:?}");
+        // Never more than the rate allows over any stretch.
+        for (i, t) in at.iter().enumerate() {
+            assert!(
+                (i + 1) as f64 * 1200.0 <= 1875.0 * (*t as f64 / 5.0 + 2.0),
+                "{at:?}"
+            );
+        }
+        // An idle pacer saves one burst, no more: two packets now (1875
+        // bytes, the second overdrawing), two more 5 ms later.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let at = pace(&mut pacer, 5, 1200).await;
+        assert_eq!(at, [0, 0, 5, 5, 10]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unpaced_sends_everything_at_once() {
+        let at = pace(&mut Pacer::unpaced(), 100, 1200).await;
+        assert!(at.iter().all(|t| *t == 0));
     }
 }

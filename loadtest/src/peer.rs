@@ -2,7 +2,7 @@
 //! a peer connection on loopback that publishes generated media and feeds
 //! everything it receives into its [`Subscriber`] measurements.
 
-use crate::media::{self, Kind, Marker, TrackSource, VideoShape};
+use crate::media::{self, Kind, Marker, Pacer, TrackSource, VideoShape};
 use crate::stats::{Counters, Sent, Subscriber};
 use anyhow::Context;
 use rtc::media_stream::MediaStreamTrack;
@@ -43,10 +43,28 @@ pub struct Shared {
     pub video: VideoShape,
     /// Video goes out as [`media::LAYERS`] simulcast layers.
     pub simulcast: bool,
+    /// Video is paced as a browser paces it.
+    pub pacing: bool,
     /// Set when publishers should stop.
     pub stop: watch::Receiver<bool>,
     /// Local address peers bind (127.0.0.1, or an address in a test namespace).
     pub bind_ip: std::net::IpAddr,
+}
+
+impl Shared {
+    /// The pacer of one published track. Each simulcast layer is paced at
+    /// the whole video's rate, as a browser's one pacer sends them all.
+    pub fn pacer(&self, kind: Kind) -> Pacer {
+        if !self.pacing || kind == Kind::Audio {
+            return Pacer::unpaced();
+        }
+        let share: f64 = if self.simulcast {
+            media::LAYERS.iter().map(|(_, share)| share).sum()
+        } else {
+            1.0
+        };
+        Pacer::new((self.video.bitrate_bps as f64 * share) as u64)
+    }
 }
 
 pub struct Peer {
@@ -394,14 +412,19 @@ async fn publish(
         video.bitrate_bps = (video.bitrate_bps as f64 * media::LAYERS[*layer as usize].1) as u64;
         tags = layer_tags(&params, *layer, transceiver).await;
     }
+    let mut pacer = shared.pacer(t.kind);
     let mut tick = tokio::time::interval(source.interval(&video));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A keyframe paced over more than a frame's time delays the frames
+    // behind it, which then follow at once, as from a browser's queue.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        for (counter, mut pkt) in source.next_packets(&video) {
+        for out in source.next_packets(&video) {
+            pacer.wait_for(out.bytes()).await;
+            let (counter, mut pkt) = out.stamped();
             let written = if t.kind == Kind::Audio {
                 let level = AudioLevelExtension {
                     level: source.audio_level(),

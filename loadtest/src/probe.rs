@@ -326,14 +326,17 @@ async fn publish(
     shared: Arc<Shared>,
 ) {
     let mut stop = shared.stop.clone();
+    let mut pacer = shared.pacer(source.kind);
     let mut tick = tokio::time::interval(source.interval(&shared.video));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        for (counter, mut pkt) in source.next_packets(&shared.video) {
+        for out in source.next_packets(&shared.video) {
+            pacer.wait_for(out.bytes()).await;
+            let (counter, mut pkt) = out.stamped();
             if source.kind == Kind::Audio {
                 let level = source.audio_level() | if source.is_speaking() { 0x80 } else { 0 };
                 let _ = pkt

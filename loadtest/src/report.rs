@@ -40,6 +40,8 @@ pub struct PlanReport {
     pub video_bitrate_bps: u64,
     /// Video sent as three simulcast layers (`--simulcast`).
     pub simulcast: bool,
+    /// Video paced as a browser sends it (false with `--no-pacing`).
+    pub pacing: bool,
     pub duration_s: f64,
     pub warmup_s: f64,
     pub ramp_per_s: f64,

@@ -29,6 +29,9 @@ pub struct Plan {
     pub video_shape_bps: u64,
     /// Video as three simulcast layers, as browsers send a camera.
     pub simulcast: bool,
+    /// Video leaves as a browser's pacer sends it ([`media::Pacer`]);
+    /// off, each frame's packets leave at once.
+    pub pacing: bool,
     pub keyframe_every: Duration,
     pub duration: Duration,
     pub warmup: Duration,
@@ -48,6 +51,7 @@ impl Plan {
             video: true,
             video_shape_bps: 1_200_000,
             simulcast: false,
+            pacing: true,
             keyframe_every: Duration::from_secs(3),
             duration: Duration::from_secs(20),
             warmup: Duration::from_secs(3),
@@ -260,6 +264,7 @@ pub async fn run(
             ..VideoShape::default()
         },
         simulcast: plan.simulcast,
+        pacing: plan.pacing,
         stop,
         bind_ip,
     });
@@ -577,6 +582,7 @@ fn assemble(
             video: plan.video,
             video_bitrate_bps: plan.video_shape_bps,
             simulcast: plan.simulcast,
+            pacing: plan.pacing,
             duration_s: plan.duration.as_secs_f64(),
             warmup_s: plan.warmup.as_secs_f64(),
             ramp_per_s: plan.ramp_per_s,
