@@ -364,6 +364,19 @@ impl Pacer {
         }
     }
 
+    /// What a source's frame clock does with ticks missed while a frame was
+    /// still leaving. A paced video's frames queue behind a keyframe that
+    /// takes longer than a frame and follow at the pacer's rate, as in a
+    /// browser's queue. An unpaced source skips ahead instead, so that the
+    /// generator's own hiccups never turn into bursts no browser makes.
+    pub fn missed_ticks(&self) -> tokio::time::MissedTickBehavior {
+        if self.rate.is_finite() {
+            tokio::time::MissedTickBehavior::Burst
+        } else {
+            tokio::time::MissedTickBehavior::Delay
+        }
+    }
+
     /// Waits until a packet of `bytes` may leave. As libwebrtc's budget, a
     /// packet leaves while any budget is left, even if it overdraws it.
     pub async fn wait_for(&mut self, bytes: usize) {

@@ -414,9 +414,7 @@ async fn publish(
     }
     let mut pacer = shared.pacer(t.kind);
     let mut tick = tokio::time::interval(source.interval(&video));
-    // A keyframe paced over more than a frame's time delays the frames
-    // behind it, which then follow at once, as from a browser's queue.
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    tick.set_missed_tick_behavior(pacer.missed_ticks());
     loop {
         tokio::select! {
             _ = tick.tick() => {}

@@ -328,7 +328,7 @@ async fn publish(
     let mut stop = shared.stop.clone();
     let mut pacer = shared.pacer(source.kind);
     let mut tick = tokio::time::interval(source.interval(&shared.video));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    tick.set_missed_tick_behavior(pacer.missed_ticks());
     loop {
         tokio::select! {
             _ = tick.tick() => {}
