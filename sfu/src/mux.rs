@@ -39,6 +39,7 @@ use tokio::net::UdpSocket;
 use tracing::{debug, trace, warn};
 
 use crate::outbox::Outbox;
+use confer_transport::ice::binding_request;
 use webrtc::runtime::{
     AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, RecvMeta, Runtime,
     Transmit,
@@ -435,80 +436,6 @@ impl Routes {
     }
 }
 
-/// What routing needs of a STUN binding request.
-#[derive(Clone, Copy, Debug)]
-struct BindingRequest<'a> {
-    /// The SFU's half of USERNAME ("ours:theirs", RFC 8445 §7.2.2).
-    ufrag: &'a str,
-    /// Offset of the MESSAGE-INTEGRITY attribute, if there is one.
-    integrity: Option<usize>,
-}
-
-impl BindingRequest<'_> {
-    /// Whether its MESSAGE-INTEGRITY is right for `password` (RFC 8489
-    /// §14.5: HMAC-SHA1 over the message before the attribute, with a header
-    /// length that ends at the attribute).
-    fn authentic(&self, datagram: &[u8], password: &[u8]) -> bool {
-        use hmac::{Hmac, Mac};
-        let Some(at) = self.integrity else {
-            return false;
-        };
-        let Some(tag) = datagram.get(at + 4..at + 24) else {
-            return false;
-        };
-        let Ok(mut mac) = Hmac::<sha1::Sha1>::new_from_slice(password) else {
-            return false;
-        };
-        let length = (at + 24 - 20) as u16;
-        mac.update(&datagram[..2]);
-        mac.update(&length.to_be_bytes());
-        mac.update(&datagram[4..at]);
-        mac.verify_slice(tag).is_ok()
-    }
-}
-
-/// `datagram` as a STUN binding request with an ICE username, or `None`
-/// for anything else.
-fn binding_request(datagram: &[u8]) -> Option<BindingRequest<'_>> {
-    const BINDING_REQUEST: u16 = 0x0001;
-    const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
-    const USERNAME: u16 = 0x0006;
-    const MESSAGE_INTEGRITY: u16 = 0x0008;
-    let header = datagram.get(..20)?;
-    if u16::from_be_bytes([header[0], header[1]]) != BINDING_REQUEST || header[4..8] != MAGIC_COOKIE
-    {
-        return None;
-    }
-    let length = u16::from_be_bytes([header[2], header[3]]) as usize;
-    let msg = datagram.get(..20 + length)?;
-    let mut ufrag = None;
-    let mut integrity = None;
-    let mut at = 20;
-    while at + 4 <= msg.len() {
-        let kind = u16::from_be_bytes([msg[at], msg[at + 1]]);
-        let len = u16::from_be_bytes([msg[at + 2], msg[at + 3]]) as usize;
-        let value = msg.get(at + 4..at + 4 + len)?;
-        match kind {
-            USERNAME if ufrag.is_none() => {
-                let username = std::str::from_utf8(value).ok()?;
-                ufrag = Some(username.split_once(':')?.0);
-            }
-            // Attributes after it (FINGERPRINT) are not covered by it.
-            MESSAGE_INTEGRITY if len == 20 => {
-                integrity = Some(at);
-                break;
-            }
-            _ => {}
-        }
-        // Attributes are padded to 4 bytes.
-        at += 4 + len.next_multiple_of(4);
-    }
-    Some(BindingRequest {
-        ufrag: ufrag?,
-        integrity,
-    })
-}
-
 /// `text` with `from` replaced by `to` as the port of candidates
 /// (`candidate:f c udp prio addr PORT typ …`, with or without `a=`) and of
 /// m-lines (`m=audio PORT …`); every other line as it was.
@@ -680,116 +607,6 @@ impl AsyncUdpSocket for MuxSocket {
 mod tests {
     use super::*;
 
-    /// A binding request naming `username`, with MESSAGE-INTEGRITY for
-    /// `password` when there is one.
-    fn check(username: &[u8], password: Option<&str>) -> Vec<u8> {
-        use hmac::{Hmac, Mac};
-        let mut msg = vec![0, 1, 0, 0, 0x21, 0x12, 0xA4, 0x42];
-        msg.extend_from_slice(&[7; 12]);
-        // A SOFTWARE attribute first, 5 bytes padded to 8, to walk past.
-        msg.extend_from_slice(&[0x80, 0x22, 0, 5]);
-        msg.extend_from_slice(b"test\0\0\0\0");
-        msg.extend_from_slice(&[0, 6]);
-        msg.extend_from_slice(&(username.len() as u16).to_be_bytes());
-        msg.extend_from_slice(username);
-        msg.resize(msg.len().next_multiple_of(4), 0);
-        if let Some(password) = password {
-            let length = (msg.len() + 24 - 20) as u16;
-            msg[2..4].copy_from_slice(&length.to_be_bytes());
-            let mut mac = Hmac::<sha1::Sha1>::new_from_slice(password.as_bytes()).unwrap();
-            mac.update(&msg);
-            msg.extend_from_slice(&[0, 8, 0, 20]);
-            msg.extend_from_slice(&mac.finalize().into_bytes());
-        }
-        let length = (msg.len() - 20) as u16;
-        msg[2..4].copy_from_slice(&length.to_be_bytes());
-        msg
-    }
-
-    fn ufrag(datagram: &[u8]) -> Option<&str> {
-        binding_request(datagram).map(|r| r.ufrag)
-    }
-
-    /// RFC 5769 §2.1: a request with SOFTWARE, PRIORITY, ICE-CONTROLLED,
-    /// USERNAME "evtj:h6vY", MESSAGE-INTEGRITY and FINGERPRINT.
-    const RFC5769_REQUEST: &str = "000100582112a442b7e7a701bc34d686fa87dfae\
-        802200105354554e207465737420636c69656e74\
-        002400046e0001ff80290008932ff9b151263b36\
-        000600096576746a3a68367659202020\
-        000800149aeaa70cbfd8cb56781ef2b5b2d3f249c1b571a2\
-        80280004e57a3bcf";
-    const RFC5769_PASSWORD: &str = "VOkJxbRl1RmTxUk/WvJxBt";
-
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
-
-    #[test]
-    fn the_rfc_5769_sample_request_is_read_and_authenticated() {
-        let msg = hex(RFC5769_REQUEST);
-        let req = binding_request(&msg).unwrap();
-        assert_eq!(req.ufrag, "evtj");
-        assert!(req.authentic(&msg, RFC5769_PASSWORD.as_bytes()));
-        assert!(!req.authentic(&msg, b"VOkJxbRl1RmTxUk/WvJxBu"));
-        // Any byte it covers changed (here the tie breaker) breaks it.
-        let mut tampered = msg.clone();
-        tampered[56] ^= 1;
-        assert!(
-            !binding_request(&tampered)
-                .unwrap()
-                .authentic(&tampered, RFC5769_PASSWORD.as_bytes())
-        );
-        // A request without MESSAGE-INTEGRITY proves nothing.
-        let bare = check(b"evtj:h6vY", None);
-        assert!(
-            !binding_request(&bare)
-                .unwrap()
-                .authentic(&bare, RFC5769_PASSWORD.as_bytes())
-        );
-        // Ours agrees with the sample on how the digest is made.
-        let ours = check(b"evtj:h6vY", Some(RFC5769_PASSWORD));
-        assert!(
-            binding_request(&ours)
-                .unwrap()
-                .authentic(&ours, RFC5769_PASSWORD.as_bytes())
-        );
-    }
-
-    #[test]
-    fn a_binding_request_is_routed_by_the_first_half_of_its_username() {
-        assert_eq!(ufrag(&check(b"sfuFrag:clientFrag", None)), Some("sfuFrag"));
-    }
-
-    #[test]
-    fn anything_but_a_well_formed_binding_request_routes_nowhere() {
-        let good = check(b"sfuFrag:clientFrag", Some("pw"));
-        // A binding response (type 0x0101) is not routed by username.
-        let mut response = good.clone();
-        response[0] = 1;
-        assert_eq!(ufrag(&response), None);
-        // No magic cookie: RTP or DTLS that happens to start with 0x0001.
-        let mut no_cookie = good.clone();
-        no_cookie[4] = 0;
-        assert_eq!(ufrag(&no_cookie), None);
-        // Every truncation, and a length that claims more than is there.
-        for cut in 0..good.len() {
-            assert_eq!(ufrag(&good[..cut]), None, "cut at {cut}");
-        }
-        let mut too_long = good.clone();
-        too_long[2] = 0xff;
-        assert_eq!(ufrag(&too_long), None);
-        // A username without the colon, or not UTF-8.
-        assert_eq!(ufrag(&check(b"nocolon", None)), None);
-        assert_eq!(ufrag(&check(b"\xff\xfe:x", None)), None);
-        // Random bytes and empty input.
-        assert_eq!(ufrag(&[]), None);
-        assert_eq!(ufrag(&[0x80; 200]), None);
-    }
-
     #[test]
     fn the_bound_port_gives_way_to_the_shared_one_in_candidates_and_m_lines() {
         let sdp = "v=0\r\n\
@@ -842,11 +659,20 @@ mod tests {
     const SOON: Duration = Duration::from_secs(5);
     const NEVER: Duration = Duration::from_millis(100);
 
+    fn check(username: &str, password: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        confer_transport::ice::connectivity_check(
+            username,
+            password.as_bytes(),
+            false,
+            &[7; 12],
+            &mut out,
+        );
+        out
+    }
+
     fn check_for(endpoint: &Endpoint) -> Vec<u8> {
-        check(
-            format!("{}:cli", endpoint.ufrag).as_bytes(),
-            Some(&endpoint.pwd),
-        )
+        check(&format!("{}:cli", endpoint.ufrag), &endpoint.pwd)
     }
 
     #[tokio::test]
@@ -885,8 +711,8 @@ mod tests {
         let to = mux.local_addr();
         let name = format!("{}:cli", a.ufrag);
         for forged in [
-            check(name.as_bytes(), None),
-            check(name.as_bytes(), Some("not the password")),
+            check(&name, "not the password"),
+            check(&name, "nor this one"),
         ] {
             forger.send_to(&forged, to).await.unwrap();
         }

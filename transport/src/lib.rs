@@ -1,0 +1,35 @@
+//! A server's WebRTC transport, without the webrtc crate's driver: what an
+//! SFU needs to send media to a browser at the cost of the work itself.
+//!
+//! The server offers (it knows which tracks it sends), is ICE-lite (one host
+//! candidate, it answers checks and never makes them), and is the DTLS
+//! server. Everything is sans I/O: a [`Connection`] takes datagrams and
+//! returns datagrams; the caller owns sockets and clocks.
+//!
+//! - [`ice`]: connectivity checks and their answers.
+//! - [`dtls`]: the server certificate, the handshake and the SRTP keys.
+//! - [`sdp`]: the offer written from plain data, the answer read back.
+//! - [`connection`]: the three together for one client.
+
+pub mod connection;
+pub mod dtls;
+pub mod ice;
+pub mod sdp;
+
+pub use connection::{Connection, Received};
+pub use dtls::Certificate;
+
+/// Why a description, a handshake or a packet was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("session description: {0}")]
+    Sdp(String),
+    #[error("DTLS: {0}")]
+    Dtls(String),
+    #[error("SRTP: {0}")]
+    Srtp(String),
+    #[error("crypto: {0}")]
+    Crypto(String),
+    #[error("the client closed the connection")]
+    Closed,
+}
