@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use crate::dtls::{Certificate, Handshake, Keys};
 use crate::sdp::{Answer, Setup};
+use crate::stream::{OutStream, Rtx};
 use crate::{Error, ice};
 
 /// Addresses remembered as proven; a client checks a few candidate pairs.
@@ -226,6 +227,22 @@ impl Connection {
                 keys.remote.decrypt_rtp(datagram).map_err(srtp)?,
             ))
         }
+    }
+
+    /// An outgoing stream with an SRTP context of its own (see
+    /// [`OutStream`]); `None` until connected.
+    pub fn out_stream(
+        &self,
+        ssrc: u32,
+        clock_rate: u32,
+        rtx: Option<Rtx>,
+        keep: usize,
+    ) -> Option<Result<OutStream, Error>> {
+        let keys = self.keys.as_ref()?;
+        Some(
+            keys.stream_context()
+                .map(|context| OutStream::new(ssrc, clock_rate, context, rtx, keep)),
+        )
     }
 
     /// Encrypts an RTP packet for the client; `None` until connected.

@@ -62,10 +62,29 @@ fn sha256_hex(crypto: &Arc<dyn RTCCryptoProvider>, der: &[u8]) -> Result<String,
 
 /// SRTP contexts for both directions once the handshake is done.
 pub struct Keys {
-    /// Protects what the server sends.
+    /// Protects what the server sends that is not a stream's (RTCP).
     pub local: Context,
     /// Checks and decrypts what the client sends.
     pub remote: Context,
+    profile: ProtectionProfile,
+    local_key: Vec<u8>,
+    local_salt: Vec<u8>,
+    crypto: Arc<dyn RTCCryptoProvider>,
+}
+
+impl Keys {
+    /// A context of its own for one outgoing stream, with the session's keys.
+    pub fn stream_context(&self) -> Result<Context, Error> {
+        Context::new(
+            &self.local_key,
+            &self.local_salt,
+            self.profile,
+            None,
+            None,
+            self.crypto.crypto(),
+        )
+        .map_err(|e| Error::Srtp(e.to_string()))
+    }
 }
 
 /// The server side of one client's DTLS association.
@@ -247,6 +266,10 @@ impl Handshake {
                 crypto,
             )
             .map_err(srtp)?,
+            profile,
+            local_key: keys.local_master_key.to_vec(),
+            local_salt: keys.local_master_salt.to_vec(),
+            crypto: self.crypto.clone(),
         })
     }
 }

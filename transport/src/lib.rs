@@ -10,14 +10,21 @@
 //! - [`dtls`]: the server certificate, the handshake and the SRTP keys.
 //! - [`sdp`]: the offer written from plain data, the answer read back.
 //! - [`connection`]: the three together for one client.
+//! - [`stream`]: one outgoing RTP stream: SRTP, retransmissions on RTX,
+//!   sender reports.
+//! - [`feedback`]: what the client says back (RTCP), as plain values.
 
 pub mod connection;
 pub mod dtls;
+pub mod feedback;
 pub mod ice;
 pub mod sdp;
+pub mod stream;
 
 pub use connection::{Connection, Received};
 pub use dtls::Certificate;
+pub use feedback::Feedback;
+pub use stream::{OutStream, Rtx};
 
 /// Why a description, a handshake or a packet was refused.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +35,10 @@ pub enum Error {
     Dtls(String),
     #[error("SRTP: {0}")]
     Srtp(String),
+    #[error("RTP: {0}")]
+    Rtp(String),
+    #[error("RTCP: {0}")]
+    Rtcp(String),
     #[error("crypto: {0}")]
     Crypto(String),
     #[error("the client closed the connection")]
