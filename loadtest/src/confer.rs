@@ -101,7 +101,7 @@ impl Participant {
         let send = |v: Value| {
             let _ = out.send(Message::Text(v.to_string().into()));
         };
-        send(json!({"type": "join", "token": token}));
+        send(json!({"type": "join", "token": token, "downlink": shared.downlink}));
         loop {
             let msg = tokio::time::timeout(Duration::from_secs(15), stream.next())
                 .await
@@ -169,6 +169,9 @@ impl Participant {
             .send(Message::Text(json!({"type": "leave"}).to_string().into()));
         let _ = self.ws.send(Message::Close(None));
         let _ = self.peer.pc.close().await;
+        if let Some(downlink) = &self.peer.downlink {
+            let _ = downlink.close().await;
+        }
     }
 }
 
@@ -182,6 +185,11 @@ async fn on_signal(
         Some("answer") => peer.accept_answer(sdp()?).await?,
         Some("offer") => {
             let msg = json!({"type": "answer", "sdp": peer.answer(sdp()?).await?});
+            let _ = out.send(Message::Text(msg.to_string().into()));
+        }
+        Some("downlink_offer") => {
+            let answer = peer.answer_downlink(sdp()?).await?;
+            let msg = json!({"type": "downlink_answer", "sdp": answer});
             let _ = out.send(Message::Text(msg.to_string().into()));
         }
         Some("candidate") => {

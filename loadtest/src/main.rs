@@ -67,6 +67,10 @@ struct Cli {
     /// a browser does (2.5 times the bitrate, a burst every 5 ms).
     #[arg(long)]
     no_pacing: bool,
+    /// Confer only: receive on a downlink of its own (`"downlink": true` at
+    /// join), not on the peer connection each participant publishes on.
+    #[arg(long)]
+    downlink: bool,
     /// Seconds between keyframes.
     #[arg(long)]
     keyframe_interval: Option<f64>,
@@ -121,6 +125,11 @@ fn plan(cli: &Cli) -> anyhow::Result<Plan> {
     p.ramp_per_s = cli.ramp.unwrap_or(p.ramp_per_s);
     p.simulcast = cli.simulcast;
     p.pacing = !cli.no_pacing;
+    p.downlink = cli.downlink;
+    anyhow::ensure!(
+        !(p.downlink && (cli.janus || cli.probe)),
+        "--downlink: Confer only"
+    );
     anyhow::ensure!(
         !(p.simulcast && (cli.janus || cli.probe)),
         "--simulcast: Confer only (the Janus adapter and the probe forward one stream per track)"

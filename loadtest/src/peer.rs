@@ -45,6 +45,8 @@ pub struct Shared {
     pub simulcast: bool,
     /// Video is paced as a browser paces it.
     pub pacing: bool,
+    /// Confer's participants receive on a downlink of their own.
+    pub downlink: bool,
     /// Set when publishers should stop.
     pub stop: watch::Receiver<bool>,
     /// Local address peers bind (127.0.0.1, or an address in a test namespace).
@@ -69,6 +71,8 @@ impl Shared {
 
 pub struct Peer {
     pub pc: Arc<dyn PeerConnection>,
+    /// The connection it receives on, when that is a downlink of its own.
+    pub downlink: Option<Arc<dyn PeerConnection>>,
     pub stats: Arc<Mutex<Subscriber>>,
     pub sent: Arc<Sent>,
     connected: Arc<AtomicBool>,
@@ -76,7 +80,8 @@ pub struct Peer {
 }
 
 struct Handler {
-    candidates: mpsc::UnboundedSender<RTCIceCandidateInit>,
+    /// None on a downlink: its ICE-lite server only answers checks.
+    candidates: Option<mpsc::UnboundedSender<RTCIceCandidateInit>>,
     connected: Arc<AtomicBool>,
     stats: Arc<Mutex<Subscriber>>,
     shared: Arc<Shared>,
@@ -85,8 +90,8 @@ struct Handler {
 #[async_trait::async_trait]
 impl PeerConnectionEventHandler for Handler {
     async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
-        if let Ok(c) = event.candidate.to_json() {
-            let _ = self.candidates.send(c);
+        if let (Some(candidates), Ok(c)) = (&self.candidates, event.candidate.to_json()) {
+            let _ = candidates.send(c);
         }
     }
 
@@ -131,46 +136,25 @@ impl Peer {
         let stats = Arc::new(Mutex::new(Subscriber::new(started_us)));
         let simulcast = shared.simulcast;
         let connected = Arc::new(AtomicBool::new(false));
-        let bind = std::net::SocketAddr::new(shared.bind_ip, 0).to_string();
-        let mut me = MediaEngine::default();
-        me.register_default_codecs()?;
-        // Audio levels, as browsers send them: a muted microphone sends level 127.
-        me.register_header_extension(
-            rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability {
-                uri: AUDIO_LEVEL_URI.to_owned(),
-            },
-            RtpCodecKind::Audio,
-            None,
-        )?;
-        let registry = register_default_interceptors(Registry::new(), &mut me)?;
-        let pc = PeerConnectionBuilder::new()
-            .with_configuration(RTCConfigurationBuilder::new().build())
-            .with_media_engine(me)
-            .with_interceptor_registry(registry)
-            .with_setting_engine(
-                SettingEngineBuilder::new()
-                    .with_include_loopback_candidate(true)
-                    // No mDNS socket: nothing here needs one, and a test
-                    // namespace has no multicast route to open it on.
-                    .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
-                    // The server's first connectivity check often arrives
-                    // before its trickled candidate, so the client first knows
-                    // the server as a peer-reflexive candidate, which webrtc-rs
-                    // will not nominate for 1 s: one join in ten took 1.2 s
-                    // instead of 0.2. Browsers do not wait.
-                    .with_prflx_acceptance_min_wait(Some(std::time::Duration::ZERO))
-                    .build(),
-            )
-            .with_handler(Arc::new(Handler {
-                candidates,
-                connected: connected.clone(),
-                stats: stats.clone(),
-                shared,
-            }))
-            .with_udp_addrs(vec![bind])
-            .build()
-            .await?;
-        let pc: Arc<dyn PeerConnection> = Arc::new(pc);
+        let downlink = match shared.downlink {
+            true => {
+                let handler = Handler {
+                    candidates: None,
+                    connected: Arc::new(AtomicBool::new(false)),
+                    stats: stats.clone(),
+                    shared: shared.clone(),
+                };
+                Some(build_pc(&shared, handler, true).await?)
+            }
+            false => None,
+        };
+        let handler = Handler {
+            candidates: Some(candidates),
+            connected: connected.clone(),
+            stats: stats.clone(),
+            shared: shared.clone(),
+        };
+        let pc = build_pc(&shared, handler, false).await?;
         let kinds: &[Kind] = match publish {
             Publish::Nothing => &[],
             Publish::Audio => &[Kind::Audio],
@@ -227,6 +211,7 @@ impl Peer {
         }
         Ok(Peer {
             pc,
+            downlink,
             stats,
             sent: Arc::default(),
             connected,
@@ -264,6 +249,16 @@ impl Peer {
         Ok(())
     }
 
+    /// Answers the server's offer of the downlink.
+    pub async fn answer_downlink(&self, offer_sdp: String) -> anyhow::Result<String> {
+        let pc = self.downlink.as_ref().context("no downlink")?;
+        pc.set_remote_description(RTCSessionDescription::offer(offer_sdp)?)
+            .await?;
+        let answer = pc.create_answer(None).await?;
+        pc.set_local_description(answer).await?;
+        Ok(pc.local_description().await.context("answer")?.sdp)
+    }
+
     /// Answers a remote offer.
     pub async fn answer(&self, offer_sdp: String) -> anyhow::Result<String> {
         self.pc
@@ -290,6 +285,53 @@ impl Peer {
         self.pc.set_local_description(offer).await?;
         Ok(self.pc.local_description().await.context("offer")?.sdp)
     }
+}
+
+/// A peer connection bound to the run's address. `downlink` answers as
+/// browsers do, as the DTLS client (webrtc-rs would be the server for an
+/// ICE-lite offer).
+async fn build_pc(
+    shared: &Shared,
+    handler: Handler,
+    downlink: bool,
+) -> anyhow::Result<Arc<dyn PeerConnection>> {
+    let bind = std::net::SocketAddr::new(shared.bind_ip, 0).to_string();
+    let mut me = MediaEngine::default();
+    me.register_default_codecs()?;
+    // Audio levels, as browsers send them: a muted microphone sends level 127.
+    me.register_header_extension(
+        rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability {
+            uri: AUDIO_LEVEL_URI.to_owned(),
+        },
+        RtpCodecKind::Audio,
+        None,
+    )?;
+    let registry = register_default_interceptors(Registry::new(), &mut me)?;
+    let mut settings = SettingEngineBuilder::new()
+        .with_include_loopback_candidate(true)
+        // No mDNS socket: nothing here needs one, and a test namespace has
+        // no multicast route to open it on.
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+        // The server's first connectivity check often arrives before its
+        // trickled candidate, so the client first knows the server as a
+        // peer-reflexive candidate, which webrtc-rs will not nominate for
+        // 1 s: one join in ten took 1.2 s instead of 0.2. Browsers do not
+        // wait.
+        .with_prflx_acceptance_min_wait(Some(std::time::Duration::ZERO));
+    if downlink {
+        settings =
+            settings.with_answering_dtls_role(rtc::peer_connection::transport::RTCDtlsRole::Client);
+    }
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(me)
+        .with_interceptor_registry(registry)
+        .with_setting_engine(settings.build())
+        .with_handler(Arc::new(handler))
+        .with_udp_addrs(vec![bind])
+        .build()
+        .await?;
+    Ok(Arc::new(pc))
 }
 
 struct Track {

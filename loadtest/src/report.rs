@@ -42,6 +42,9 @@ pub struct PlanReport {
     pub simulcast: bool,
     /// Video paced as a browser sends it (false with `--no-pacing`).
     pub pacing: bool,
+    /// Confer's participants received on downlinks (`--downlink`).
+    #[serde(default)]
+    pub downlink: bool,
     pub duration_s: f64,
     pub warmup_s: f64,
     pub ramp_per_s: f64,

@@ -32,6 +32,8 @@ pub struct Plan {
     /// Video leaves as a browser's pacer sends it ([`media::Pacer`]);
     /// off, each frame's packets leave at once.
     pub pacing: bool,
+    /// Confer's participants receive on a downlink of their own.
+    pub downlink: bool,
     pub keyframe_every: Duration,
     pub duration: Duration,
     pub warmup: Duration,
@@ -52,6 +54,7 @@ impl Plan {
             video_shape_bps: 1_200_000,
             simulcast: false,
             pacing: true,
+            downlink: false,
             keyframe_every: Duration::from_secs(3),
             duration: Duration::from_secs(20),
             warmup: Duration::from_secs(3),
@@ -265,6 +268,7 @@ pub async fn run(
         },
         simulcast: plan.simulcast,
         pacing: plan.pacing,
+        downlink: plan.downlink,
         stop,
         bind_ip,
     });
@@ -583,6 +587,7 @@ fn assemble(
             video_bitrate_bps: plan.video_shape_bps,
             simulcast: plan.simulcast,
             pacing: plan.pacing,
+            downlink: plan.downlink,
             duration_s: plan.duration.as_secs_f64(),
             warmup_s: plan.warmup.as_secs_f64(),
             ramp_per_s: plan.ramp_per_s,

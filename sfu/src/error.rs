@@ -23,6 +23,10 @@ pub enum SfuError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("a downlink needs the shared media socket (sfu.udp_mux = true)")]
+    DownlinkNeedsMux,
+    #[error("transport: {0}")]
+    Transport(#[from] confer_transport::Error),
     #[error("webrtc: {0}")]
     WebRtc(#[from] webrtc::error::Error),
 }

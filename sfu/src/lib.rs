@@ -15,6 +15,8 @@
 //! - [`tap`]: a room's media as it arrives, for the recorder.
 //! - `mux`: every participant's media on one UDP port; `outbox`: its sends,
 //!   batched.
+//! - `downlink`: what a participant receives, on a connection of our own
+//!   (`confer-transport`) instead of its peer connection, when it asks.
 //! - [`config`]: media-plane settings.
 //!
 //! The SFU knows nothing of tokens, schedules or WebSockets: signaling admits
@@ -22,6 +24,7 @@
 
 pub mod bandwidth;
 pub mod config;
+mod downlink;
 mod error;
 pub mod forward;
 pub mod keyframe;

@@ -112,26 +112,73 @@ const WARN_EVERY_MS: u64 = 10_000;
 
 #[derive(Default)]
 struct Routes {
-    by_ufrag: HashMap<String, Weak<Endpoint>>,
-    by_addr: HashMap<SocketAddr, Weak<Endpoint>>,
+    by_ufrag: HashMap<String, Weak<dyn Destination>>,
+    by_addr: HashMap<SocketAddr, Weak<dyn Destination>>,
+    /// Each ufrag's learnt addresses, the one checked longest ago first.
+    addresses: HashMap<String, VecDeque<SocketAddr>>,
+}
+
+/// Whom the shared socket's datagrams are for: a webrtc peer connection's
+/// [`Endpoint`], or a downlink of our own, which handles them as they come.
+pub(crate) trait Destination: Send + Sync {
+    /// The ICE password its checks must prove.
+    fn pwd(&self) -> &str;
+    /// A datagram from `from`, an address one of its checks proved.
+    fn deliver(&self, from: SocketAddr, datagram: Bytes) -> Routed;
+}
+
+/// A destination's place on the shared socket: its ICE credentials, its
+/// routes (gone when this is dropped), and the way out.
+pub(crate) struct Attachment {
+    pub(crate) ufrag: String,
+    pub(crate) pwd: String,
+    shared: Arc<Shared>,
+}
+
+impl Attachment {
+    /// Queues `datagram` for `to` (see [`Outbox::push`]).
+    pub(crate) fn send(&self, to: SocketAddr, datagram: &[u8]) {
+        let dropped = self.shared.outbox.push(to, datagram);
+        self.shared.dropped_sending(dropped);
+    }
+
+    /// The shared socket's address.
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.shared.local
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        let mut routes = self.shared.routes.lock().unwrap();
+        routes.by_ufrag.remove(&self.ufrag);
+        routes.addresses.remove(&self.ufrag);
+        routes.by_addr.retain(|_, e| e.strong_count() > 0);
+    }
+}
+
+impl fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Attachment")
+            .field("ufrag", &self.ufrag)
+            .field("shared", &self.shared.local)
+            .finish()
+    }
 }
 
 /// One peer connection's share of the socket.
+#[derive(Debug)]
 pub(crate) struct Endpoint {
-    ufrag: String,
-    pwd: String,
-    shared: Arc<Shared>,
+    attachment: Attachment,
     inbox: Mutex<Inbox>,
     /// The port its driver bound and named in its candidates (0 until then).
     bound: AtomicU16,
 }
 
-#[derive(Default)]
+#[derive(Default, Debug)]
 struct Inbox {
     datagrams: VecDeque<(SocketAddr, Bytes)>,
     waker: Option<Waker>,
-    /// Learnt addresses, the one checked longest ago first.
-    addresses: VecDeque<SocketAddr>,
 }
 
 impl Mux {
@@ -200,6 +247,21 @@ impl Mux {
     /// A new connection's share, with the ICE credentials its peer
     /// connection must use (see [`Endpoint::credentials`]).
     pub(crate) fn endpoint(&self) -> Arc<Endpoint> {
+        self.attach(|attachment| {
+            Arc::new(Endpoint {
+                attachment,
+                inbox: Mutex::new(Inbox::default()),
+                bound: AtomicU16::new(0),
+            })
+        })
+    }
+
+    /// A new destination, made by `make` from its attachment (fresh ICE
+    /// credentials), and routed to by its ufrag from now on.
+    pub(crate) fn attach<D: Destination + 'static>(
+        &self,
+        make: impl FnOnce(Attachment) -> Arc<D>,
+    ) -> Arc<D> {
         let mut routes = self.shared.routes.lock().unwrap();
         loop {
             // 24 and 32 characters of ice-char: RFC 8839 asks for at least
@@ -208,15 +270,14 @@ impl Mux {
             if routes.by_ufrag.contains_key(&ufrag) {
                 continue;
             }
-            let endpoint = Arc::new(Endpoint {
+            let destination = make(Attachment {
                 ufrag: ufrag.clone(),
                 pwd: random_ice_chars(32),
                 shared: self.shared.clone(),
-                inbox: Mutex::new(Inbox::default()),
-                bound: AtomicU16::new(0),
             });
-            routes.by_ufrag.insert(ufrag, Arc::downgrade(&endpoint));
-            return endpoint;
+            let weak: Weak<dyn Destination> = Arc::downgrade(&destination) as Weak<dyn Destination>;
+            routes.by_ufrag.insert(ufrag, weak);
+            return destination;
         }
     }
 }
@@ -231,7 +292,7 @@ impl Drop for Mux {
 impl Endpoint {
     /// ICE username fragment and password for its peer connection.
     pub(crate) fn credentials(&self) -> (String, String) {
-        (self.ufrag.clone(), self.pwd.clone())
+        (self.attachment.ufrag.clone(), self.attachment.pwd.clone())
     }
 
     /// A runtime for its peer connection: webrtc's own, except that sockets
@@ -251,24 +312,27 @@ impl Endpoint {
         if bound == 0 {
             return text.to_owned();
         }
-        replace_port(text, bound, self.shared.local.port())
+        replace_port(text, bound, self.attachment.local_addr().port())
     }
 }
 
-impl Drop for Endpoint {
-    fn drop(&mut self) {
-        let mut routes = self.shared.routes.lock().unwrap();
-        routes.by_ufrag.remove(&self.ufrag);
-        routes.by_addr.retain(|_, e| e.strong_count() > 0);
+impl Destination for Endpoint {
+    fn pwd(&self) -> &str {
+        &self.attachment.pwd
     }
-}
 
-impl fmt::Debug for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Endpoint")
-            .field("ufrag", &self.ufrag)
-            .field("shared", &self.shared.local)
-            .finish()
+    /// Into its inbox, for its driver to read.
+    fn deliver(&self, from: SocketAddr, datagram: Bytes) -> Routed {
+        let mut inbox = self.inbox.lock().unwrap();
+        if inbox.datagrams.len() >= INBOX {
+            return Routed::Full;
+        }
+        inbox.datagrams.push_back((from, datagram));
+        if let Some(waker) = inbox.waker.take() {
+            drop(inbox);
+            waker.wake();
+        }
+        Routed::Delivered
     }
 }
 
@@ -340,7 +404,7 @@ async fn send_loop(shared: Arc<Shared>) {
     }
 }
 
-enum Routed {
+pub(crate) enum Routed {
     Delivered,
     /// For no connection, or a forged check.
     Nowhere,
@@ -358,34 +422,28 @@ impl Shared {
     /// learnt from a forged check, and a client that reconnects from an
     /// address it used before is routed to its new connection.
     fn route(&self, from: SocketAddr, datagram: Bytes) -> Routed {
-        let endpoint = {
+        let destination = {
             let mut routes = self.routes.lock().unwrap();
-            let named = binding_request(&datagram)
-                .and_then(|req| Some((req, routes.by_ufrag.get(req.ufrag)?.upgrade()?)));
+            let named = binding_request(&datagram).and_then(|req| {
+                let weak = routes.by_ufrag.get(req.ufrag)?.clone();
+                Some((req, weak.upgrade()?, weak))
+            });
             match named {
-                Some((req, e)) => {
-                    if !req.authentic(&datagram, e.pwd.as_bytes()) {
+                Some((req, d, weak)) => {
+                    if !req.authentic(&datagram, d.pwd().as_bytes()) {
                         return Routed::Nowhere;
                     }
-                    routes.learn(&e, from);
-                    e
+                    routes.learn(req.ufrag, weak, from);
+                    d
                 }
                 None => match routes.by_addr.get(&from).and_then(Weak::upgrade) {
-                    Some(e) => e,
+                    Some(d) => d,
                     None => return Routed::Nowhere,
                 },
             }
         };
-        let mut inbox = endpoint.inbox.lock().unwrap();
-        if inbox.datagrams.len() >= INBOX {
-            return Routed::Full;
-        }
-        inbox.datagrams.push_back((from, datagram));
-        if let Some(waker) = inbox.waker.take() {
-            drop(inbox);
-            waker.wake();
-        }
-        Routed::Delivered
+        // Outside the routes' lock: a downlink handles it right here.
+        destination.deliver(from, datagram)
     }
 
     /// Called on every datagram dropped for want of CPU or buffer; warns
@@ -418,21 +476,22 @@ impl Shared {
 }
 
 impl Routes {
-    /// Routes `from` to `endpoint`, as its most recently checked address.
-    fn learn(&mut self, endpoint: &Arc<Endpoint>, from: SocketAddr) {
-        let mut inbox = endpoint.inbox.lock().unwrap();
-        inbox.addresses.retain(|a| *a != from);
-        if inbox.addresses.len() >= MAX_ADDRESSES
-            && let Some(stale) = inbox.addresses.pop_front()
+    /// Routes `from` to the destination of `ufrag`, as its most recently
+    /// checked address.
+    fn learn(&mut self, ufrag: &str, destination: Weak<dyn Destination>, from: SocketAddr) {
+        let addresses = self.addresses.entry(ufrag.to_owned()).or_default();
+        addresses.retain(|a| *a != from);
+        if addresses.len() >= MAX_ADDRESSES
+            && let Some(stale) = addresses.pop_front()
             && self
                 .by_addr
                 .get(&stale)
-                .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(endpoint)))
+                .is_some_and(|w| Weak::ptr_eq(w, &destination))
         {
             self.by_addr.remove(&stale);
         }
-        inbox.addresses.push_back(from);
-        self.by_addr.insert(from, Arc::downgrade(endpoint));
+        addresses.push_back(from);
+        self.by_addr.insert(from, destination);
     }
 }
 
@@ -555,7 +614,7 @@ struct MuxSocket {
 
 impl AsyncUdpSocket for MuxSocket {
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        Ok(self.endpoint.shared.local)
+        Ok(self.endpoint.attachment.local_addr())
     }
 
     fn poll_send(&self, _cx: &mut Context<'_>, transmit: &Transmit<'_>) -> Poll<io::Result<usize>> {
@@ -564,9 +623,9 @@ impl AsyncUdpSocket for MuxSocket {
         // waiting for room would need a waker per driver. Without room the
         // datagram is dropped, as a router would; NACKs and DTLS
         // retransmissions recover.
-        let shared = &self.endpoint.shared;
-        let dropped = shared.outbox.push(transmit.destination, transmit.contents);
-        shared.dropped_sending(dropped);
+        self.endpoint
+            .attachment
+            .send(transmit.destination, transmit.contents);
         Poll::Ready(Ok(transmit.contents.len()))
     }
 
@@ -672,7 +731,10 @@ mod tests {
     }
 
     fn check_for(endpoint: &Endpoint) -> Vec<u8> {
-        check(&format!("{}:cli", endpoint.ufrag), &endpoint.pwd)
+        check(
+            &format!("{}:cli", endpoint.attachment.ufrag),
+            &endpoint.attachment.pwd,
+        )
     }
 
     #[tokio::test]
@@ -709,7 +771,7 @@ mod tests {
         let sa = socket(&a);
         let forger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let to = mux.local_addr();
-        let name = format!("{}:cli", a.ufrag);
+        let name = format!("{}:cli", a.attachment.ufrag);
         for forged in [
             check(&name, "not the password"),
             check(&name, "nor this one"),
@@ -747,7 +809,9 @@ mod tests {
             let got = next(&sa, if i == 1 { NEVER } else { SOON }).await;
             assert_eq!(got.is_some(), i != 1, "address {i}");
         }
-        assert_eq!(a.inbox.lock().unwrap().addresses.len(), MAX_ADDRESSES);
+        let routes = mux.shared.routes.lock().unwrap();
+        assert_eq!(routes.addresses[&a.attachment.ufrag].len(), MAX_ADDRESSES);
+        drop(routes);
     }
 
     #[tokio::test]

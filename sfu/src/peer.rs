@@ -8,11 +8,13 @@
 
 use crate::bandwidth::{Backoff, Estimate, Reporting};
 use crate::config::SfuConfig;
+use crate::downlink::{self, Downlink};
 use crate::error::SfuError;
 use crate::keyframe::KeyframeRequestTap;
 use crate::mux::Endpoint;
 use crate::room::{ParticipantInfo, PeerEvent, Room, Sfu};
-use crate::track::{Published, Receiver, TrackKind};
+use crate::track::{Output, Published, Receiver, TrackKind};
+use confer_transport::sdp::Media;
 use rand::Rng;
 use rtc::interceptor::Slot;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -103,6 +105,17 @@ struct Negotiation {
     /// Candidates that came before the client's first offer (trickle ICE
     /// may overtake it), applied right after it.
     early_candidates: Vec<RTCIceCandidateInit>,
+    /// On the downlink: every section offered so far, in order.
+    sections: Vec<Media>,
+}
+
+/// Which of a participant's connections an offer is for.
+#[derive(Clone, Copy, Debug)]
+enum Leg {
+    /// The webrtc peer connection (the client offers first).
+    Uplink,
+    /// Its own downlink ([`crate::downlink`]), which only the SFU offers.
+    Downlink,
 }
 
 /// An offer waits this long for more changes to go with it: a client's
@@ -141,6 +154,9 @@ pub struct Participant {
     endpoint: Option<Arc<Endpoint>>,
     events: mpsc::UnboundedSender<PeerEvent>,
     negotiation: tokio::sync::Mutex<Negotiation>,
+    /// What it receives, when it asked for a downlink of its own.
+    downlink: Option<Arc<Downlink>>,
+    down: tokio::sync::Mutex<Negotiation>,
     muted: Mutex<(bool, bool)>,
     /// Set by a moderator's mute: the forwarding loop drops this
     /// participant's audio until the participant unmutes themselves, so a
@@ -413,6 +429,15 @@ pub(crate) async fn connect(
             max: sfu.config.udp_port_max,
         }));
     };
+    let downlink = match (&sfu.mux, info.downlink) {
+        (Some(mux), true) => {
+            let estimate = sfu.config.bandwidth_estimation.then(|| estimate.clone());
+            let certificate = sfu.certificate()?;
+            Some(mux.attach(|attachment| Downlink::new(attachment, certificate, estimate)))
+        }
+        (None, true) => return Err(SfuError::DownlinkNeedsMux),
+        _ => None,
+    };
     let p = Arc::new_cyclic(|me| Participant {
         me: me.clone(),
         candidates,
@@ -423,6 +448,12 @@ pub(crate) async fn connect(
         endpoint,
         events,
         negotiation: tokio::sync::Mutex::new(Negotiation::default()),
+        downlink,
+        // The SFU offers its downlink whenever it has something to send.
+        down: tokio::sync::Mutex::new(Negotiation {
+            started: true,
+            ..Negotiation::default()
+        }),
         muted: Mutex::new((false, false)),
         audio_blocked: Arc::new(AtomicBool::new(false)),
         port,
@@ -586,7 +617,7 @@ impl Participant {
         }
         n.started = true;
         if n.pending {
-            self.offer_locked(&mut n).await;
+            self.offer_locked(&mut n, Leg::Uplink);
         }
         Ok(())
     }
@@ -612,7 +643,43 @@ impl Participant {
             }
         }
         if n.pending {
-            self.offer_locked(&mut n).await;
+            self.offer_locked(&mut n, Leg::Uplink);
+        }
+        Ok(())
+    }
+
+    /// The client's answer to the SFU's downlink offer.
+    pub async fn handle_downlink_answer(&self, sdp: String) -> Result<(), SfuError> {
+        let Some(link) = &self.downlink else {
+            return Err(SfuError::BadSdp("this participant has no downlink".into()));
+        };
+        let answer = confer_transport::sdp::parse_answer(&sdp)
+            .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        let mut n = self.down.lock().await;
+        if !n.awaiting_answer {
+            return Err(SfuError::BadSdp(
+                "no downlink offer is awaiting an answer".into(),
+            ));
+        }
+        let offered: Vec<&str> = n.sections.iter().map(|m| m.mid.as_str()).collect();
+        let answered: Vec<&str> = answer.media.iter().map(|m| m.mid.as_str()).collect();
+        if offered != answered {
+            return Err(SfuError::BadSdp(format!(
+                "the answer's sections {answered:?} are not the offer's {offered:?}"
+            )));
+        }
+        link.answer(&answer)
+            .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        n.awaiting_answer = false;
+        n.offers_answered = n.offers_made;
+        let answered = n.offers_answered;
+        for (r, needs, _) in &n.receivers {
+            if *needs <= answered {
+                r.negotiated();
+            }
+        }
+        if n.pending {
+            self.offer_locked(&mut n, Leg::Downlink);
         }
         Ok(())
     }
@@ -645,7 +712,7 @@ impl Participant {
     /// Asks for an offer with what changed: made at once if it may be, else
     /// by a task once the answer to the last one is in and the wait
     /// between offers is over.
-    async fn offer_locked(&self, n: &mut Negotiation) {
+    fn offer_locked(&self, n: &mut Negotiation, leg: Leg) {
         n.pending = true;
         if !n.started || n.awaiting_answer || n.scheduled {
             return;
@@ -662,18 +729,29 @@ impl Participant {
             let Some(me) = me.upgrade() else {
                 return;
             };
-            let mut n = me.negotiation.lock().await;
+            let negotiation = match leg {
+                Leg::Uplink => &me.negotiation,
+                Leg::Downlink => &me.down,
+            };
+            let mut n = negotiation.lock().await;
             n.scheduled = false;
-            me.offer_now(&mut n).await;
+            me.offer_now(&mut n, leg).await;
         });
     }
 
-    async fn offer_now(&self, n: &mut Negotiation) {
+    async fn offer_now(&self, n: &mut Negotiation, leg: Leg) {
         if !n.pending || !n.started || n.awaiting_answer || self.closed.load(Ordering::Acquire) {
             return;
         }
         n.pending = false;
         n.last_offer = Some(Instant::now());
+        if let (Leg::Downlink, Some(link)) = (leg, &self.downlink) {
+            n.offers_made += 1;
+            n.awaiting_answer = true;
+            let sdp = link.offer(n.offers_made, &n.sections);
+            self.send(PeerEvent::DownlinkOffer(sdp));
+            return;
+        }
         let offer = match self.pc.create_offer(None).await {
             Ok(o) => o,
             Err(e) => {
@@ -700,6 +778,9 @@ impl Participant {
     pub(crate) async fn subscribe(self: &Arc<Self>, track: &Arc<Published>) {
         if track.publisher == self.id || self.closed.load(Ordering::Acquire) {
             return;
+        }
+        if let Some(link) = &self.downlink {
+            return self.subscribe_downlink(link, track).await;
         }
         let mut n = self.negotiation.lock().await;
         if n.receivers.iter().any(|(_, _, id)| *id == track.info.id) {
@@ -749,10 +830,42 @@ impl Participant {
                 return;
             }
         };
-        let receiver = track.add_receiver(&self.id, local, sender, out_ssrc);
+        let receiver = track.add_receiver(&self.id, Output::WebRtc { local, sender }, out_ssrc);
         let needs = n.offers_made + 1;
         n.receivers.push((receiver, needs, track.info.id.clone()));
-        self.offer_locked(&mut n).await;
+        self.offer_locked(&mut n, Leg::Uplink);
+    }
+
+    /// As [`Self::subscribe`], on its own downlink: a new section.
+    async fn subscribe_downlink(&self, link: &Arc<Downlink>, track: &Arc<Published>) {
+        let mut n = self.down.lock().await;
+        if n.receivers.iter().any(|(_, _, id)| *id == track.info.id) {
+            return;
+        }
+        let (ssrc, rtx_ssrc): (u32, u32) = (rand::random(), rand::random());
+        let mid = n.sections.len().to_string();
+        // The receiver groups tracks by stream id: one stream per publisher.
+        let Some(section) = downlink::section(
+            mid,
+            &track.codec,
+            ssrc,
+            rtx_ssrc,
+            &track.publisher,
+            &track.info.id,
+        ) else {
+            warn!(participant = %self.id, track = %track.info.id, codec = %track.codec.mime_type,
+                "codec not forwarded on a downlink");
+            return;
+        };
+        n.sections.push(section);
+        let output = Output::Downlink {
+            link: link.clone(),
+            rtx_ssrc,
+        };
+        let receiver = track.add_receiver(&self.id, output, ssrc);
+        let needs = n.offers_made + 1;
+        n.receivers.push((receiver, needs, track.info.id.clone()));
+        self.offer_locked(&mut n, Leg::Downlink);
     }
 
     /// Stops sending a track (its publisher left or stopped it).
@@ -761,6 +874,29 @@ impl Participant {
             // Going too: stop forwarding, without waiting on a negotiation
             // that may be in flight.
             track.remove_receiver(&self.id);
+            return;
+        }
+        if let Some(link) = &self.downlink {
+            let mut n = self.down.lock().await;
+            let Some(i) = n
+                .receivers
+                .iter()
+                .position(|(_, _, id)| *id == track.info.id)
+            else {
+                return;
+            };
+            let (receiver, _, _) = n.receivers.remove(i);
+            track.remove_receiver(&self.id);
+            link.forget(&receiver.ssrcs());
+            // The section stays, inactive: sections keep their order.
+            if let Some(m) = n
+                .sections
+                .iter_mut()
+                .find(|m| m.track == track.info.id && m.sending)
+            {
+                m.sending = false;
+            }
+            self.offer_locked(&mut n, Leg::Downlink);
             return;
         }
         let mut n = self.negotiation.lock().await;
@@ -776,10 +912,12 @@ impl Participant {
         if self.closed.load(Ordering::Acquire) {
             return;
         }
-        if let Err(e) = self.pc.remove_track(&receiver.sender).await {
+        if let Output::WebRtc { sender, .. } = &receiver.output
+            && let Err(e) = self.pc.remove_track(sender).await
+        {
             debug!(participant = %self.id, "remove_track: {e}");
         }
-        self.offer_locked(&mut n).await;
+        self.offer_locked(&mut n, Leg::Uplink);
     }
 
     /// Header extensions the client negotiated for what it sends, `(uri, id)`.

@@ -42,6 +42,9 @@ pub struct ParticipantInfo {
     pub user_id: String,
     pub name: String,
     pub role: Role,
+    /// It receives on a downlink of its own ([`crate::downlink`]) rather
+    /// than on its peer connection.
+    pub downlink: bool,
 }
 
 /// A participant as others see it.
@@ -160,6 +163,8 @@ pub enum Lifecycle {
 pub enum PeerEvent {
     /// A server-initiated renegotiation.
     Offer(String),
+    /// The SFU's offer of the participant's downlink.
+    DownlinkOffer(String),
     /// The answer to the client's offer.
     Answer(String),
     IceCandidate(RTCIceCandidateInit),
@@ -189,6 +194,8 @@ pub struct Sfu {
     /// The one media socket, unless `udp_mux` is off.
     pub(crate) mux: Option<Mux>,
     observer: Mutex<Option<mpsc::UnboundedSender<Lifecycle>>>,
+    /// The DTLS identity of every downlink, made with the first.
+    certificate: std::sync::OnceLock<confer_transport::Certificate>,
 }
 
 /// What a successful join hands to signaling.
@@ -250,7 +257,18 @@ impl Sfu {
             ports,
             mux,
             observer: Mutex::new(None),
+            certificate: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// The certificate downlinks present (one for all: its fingerprint is in
+    /// every downlink offer).
+    pub(crate) fn certificate(&self) -> Result<confer_transport::Certificate, SfuError> {
+        if let Some(c) = self.certificate.get() {
+            return Ok(c.clone());
+        }
+        let made = confer_transport::Certificate::generate()?;
+        Ok(self.certificate.get_or_init(|| made).clone())
     }
 
     /// The UDP port all media uses, when `udp_mux` is on (the one bound,

@@ -13,6 +13,7 @@
 //! and the one it is switching to (see [`crate::simulcast`]).
 
 use crate::bandwidth::{self, Demand};
+use crate::downlink::{self, Downlink};
 use crate::forward::{
     self, AUDIO_LEVEL_URI, ExtensionMap, Rewriter, SILENT, SilenceFilter, audio_level,
 };
@@ -21,6 +22,7 @@ use crate::peer::Participant;
 use crate::simulcast::{self, Layers, MAX_LAYERS, Selector, Verdict};
 use crate::tap::{TapSender, Tapped};
 use arc_swap::{ArcSwap, ArcSwapOption};
+use confer_transport::OutStream;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::sender_report::SenderReport;
@@ -96,11 +98,21 @@ pub struct Published {
     tap_layer: AtomicU8,
 }
 
+/// Where a receiver's copy goes.
+pub(crate) enum Output {
+    /// A transceiver on the subscriber's webrtc peer connection.
+    WebRtc {
+        local: Arc<TrackLocalStaticRTP>,
+        sender: Arc<dyn RtpSender>,
+    },
+    /// A section of the subscriber's own downlink ([`crate::downlink`]).
+    Downlink { link: Arc<Downlink>, rtx_ssrc: u32 },
+}
+
 /// One receiver's copy of a published track.
 pub struct Receiver {
     pub subscriber: String,
-    pub local: Arc<TrackLocalStaticRTP>,
-    pub sender: Arc<dyn RtpSender>,
+    pub(crate) output: Output,
     track: Weak<Published>,
     /// Its leg has been negotiated (its rewriter is being made or made).
     ready: AtomicBool,
@@ -116,6 +128,8 @@ pub struct Receiver {
     allowed: AtomicU8,
     /// Since when its bandwidth has fitted no layer ([`bandwidth::hold_pause`]).
     pausing_since: Mutex<Option<Instant>>,
+    /// Lowers [`Self::ceiling`] while its reports show heavy loss.
+    loss: Mutex<simulcast::LossCeiling>,
     /// The SSRC it receives this track on.
     out_ssrc: u32,
     /// The layer it is on; `NO_LAYER` before the first.
@@ -151,6 +165,8 @@ struct Sending {
     /// When it last sent a packet, and whether it was paused since.
     last_sent: Option<Instant>,
     resumed: bool,
+    /// On a downlink: its stream, once the downlink is connected.
+    stream: Option<OutStream>,
 }
 
 impl Published {
@@ -324,18 +340,16 @@ impl Published {
         }
     }
 
-    /// Adds a receiver and starts its send and feedback tasks.
+    /// Adds a receiver; it sends once [`Receiver::negotiated`].
     pub(crate) fn add_receiver(
         self: &Arc<Self>,
         subscriber: &str,
-        local: Arc<TrackLocalStaticRTP>,
-        sender: Arc<dyn RtpSender>,
+        output: Output,
         out_ssrc: u32,
     ) -> Arc<Receiver> {
         let r = Arc::new(Receiver {
             subscriber: subscriber.to_owned(),
-            local,
-            sender,
+            output,
             track: Arc::downgrade(self),
             ready: AtomicBool::new(false),
             sending: Mutex::default(),
@@ -344,6 +358,7 @@ impl Published {
             ceiling: AtomicU8::new(simulcast::Quality::High.layer()),
             allowed: AtomicU8::new(simulcast::Quality::High.layer()),
             pausing_since: Mutex::new(None),
+            loss: Mutex::default(),
             current: AtomicU8::new(NO_LAYER),
             out_ssrc,
         });
@@ -403,18 +418,63 @@ impl Published {
             return None;
         }
         s.last_sent = Some(arrived);
-        Some(out)
+        match &r.output {
+            Output::WebRtc { .. } => Some(out),
+            // Sent here, under the lock this task already holds.
+            Output::Downlink { link, .. } => {
+                if let Some(stream) = s.stream.as_mut() {
+                    link.send(stream, out, arrived);
+                }
+                None
+            }
+        }
     }
 
     /// Once `r`'s leg is negotiated: learns its payload type and extension
     /// ids, then starts sending it and listening to its feedback.
     async fn start_sending(self: Arc<Self>, r: Arc<Receiver>) {
-        let Some(rewriter) = make_rewriter(&self, &r, r.out_ssrc).await else {
-            return;
-        };
-        r.sending.lock().unwrap().rewriter = Some(rewriter);
-        // The track is bound only now; before, poll() has nothing to wait on.
-        tokio::spawn(feedback_loop(self.clone(), r.clone()));
+        match &r.output {
+            Output::WebRtc { .. } => {
+                let Some(rewriter) = make_rewriter(&self, &r, r.out_ssrc).await else {
+                    return;
+                };
+                r.sending.lock().unwrap().rewriter = Some(rewriter);
+                // The track is bound only now; before, poll() has nothing to wait on.
+                tokio::spawn(feedback_loop(self.clone(), r.clone()));
+            }
+            Output::Downlink { link, rtx_ssrc } => {
+                if !link.connected().await {
+                    return;
+                }
+                let Some(section) =
+                    downlink::section(String::new(), &self.codec, r.out_ssrc, *rtx_ssrc, "", "")
+                else {
+                    return;
+                };
+                let codec = &section.codecs[0];
+                let rtx = codec.rtx.map(|payload_type| confer_transport::Rtx {
+                    ssrc: *rtx_ssrc,
+                    payload_type,
+                });
+                let Some(stream) = link.out_stream(&r, r.out_ssrc, self.codec.clock_rate, rtx)
+                else {
+                    return;
+                };
+                let ids: Vec<(&str, u16)> = section
+                    .extensions
+                    .iter()
+                    .map(|(id, uri)| (*uri, u16::from(*id)))
+                    .collect();
+                let map = ExtensionMap::new(
+                    self.extensions.iter().map(|(u, id)| (u.as_str(), *id)),
+                    ids.iter().copied(),
+                );
+                let mut sending = r.sending.lock().unwrap();
+                sending.stream = Some(stream);
+                sending.rewriter = Some(Rewriter::new(r.out_ssrc, codec.payload_type, map));
+                debug!(subscriber = %r.subscriber, track = %self.info.id, "downlink stream ready");
+            }
+        }
         // A new receiver needs a keyframe to start decoding.
         let flowing = self.layers.flowing(Instant::now());
         self.request_layer_keyframe(r.target(flowing).unwrap_or(0));
@@ -539,10 +599,13 @@ impl Receiver {
     /// Hands `pkt` to its peer connection if that has room now; otherwise
     /// the packet is lost to this receiver alone, which asks for it again.
     fn send(&self, pkt: rtp::Packet) {
+        let Output::WebRtc { local, .. } = &self.output else {
+            return;
+        };
         // The write only queues the packet for the connection's driver, so
         // it is ready at once unless that queue is full; polling it once
         // and dropping it when pending gives up the packet, nothing else.
-        let mut write = self.local.write_rtp(pkt);
+        let mut write = local.write_rtp(pkt);
         match write.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(Ok(())) => {}
             // Unbound: the receiver's connection is going away.
@@ -591,6 +654,62 @@ impl Receiver {
         layer
     }
 
+    /// A reception report on it: heavy loss lowers its layer for a while.
+    pub(crate) fn reported(&self, fraction_lost: u8, now: Instant) {
+        let current = match self.current.load(Ordering::Relaxed) {
+            NO_LAYER => None,
+            layer => Some(layer),
+        };
+        let ceiling = self
+            .loss
+            .lock()
+            .unwrap()
+            .report(fraction_lost, current, now);
+        if self.ceiling.swap(ceiling, Ordering::Relaxed) != ceiling {
+            debug!(subscriber = %self.subscriber, lost = fraction_lost, ceiling,
+                "simulcast ceiling changed by loss");
+        }
+        trace!(subscriber = %self.subscriber, lost = fraction_lost, "receiver report");
+    }
+
+    /// Its client cannot decode until the next keyframe (PLI or FIR).
+    pub(crate) fn keyframe_requested(&self) {
+        if let (Some(track), layer) = (self.track.upgrade(), self.current.load(Ordering::Relaxed))
+            && layer != NO_LAYER
+        {
+            track.request_layer_keyframe(layer);
+        }
+    }
+
+    /// On a downlink: sends `sequence` again, if it is still kept.
+    pub(crate) fn retransmit(&self, link: &Downlink, sequence: u16, now: Instant) {
+        if let Some(stream) = self.sending.lock().unwrap().stream.as_mut() {
+            link.retransmit(stream, sequence, now);
+        }
+    }
+
+    /// On a downlink: a sender report for its stream, once it has sent.
+    pub(crate) fn sender_report(
+        &self,
+        now: Instant,
+        wallclock: std::time::SystemTime,
+    ) -> Option<SenderReport> {
+        self.sending
+            .lock()
+            .unwrap()
+            .stream
+            .as_ref()?
+            .sender_report(now, wallclock)
+    }
+
+    /// The SSRCs it sends on.
+    pub(crate) fn ssrcs(&self) -> Vec<u32> {
+        match &self.output {
+            Output::WebRtc { .. } => vec![self.out_ssrc],
+            Output::Downlink { rtx_ssrc, .. } => vec![self.out_ssrc, *rtx_ssrc],
+        }
+    }
+
     /// Called once the receiver's leg has been negotiated.
     pub(crate) fn negotiated(self: &Arc<Self>) {
         if self.ready.swap(true, Ordering::AcqRel) {
@@ -603,7 +722,10 @@ impl Receiver {
 }
 
 async fn make_rewriter(track: &Published, r: &Receiver, out_ssrc: u32) -> Option<Rewriter> {
-    let params = r.sender.get_parameters().await.ok()?;
+    let Output::WebRtc { sender, .. } = &r.output else {
+        return None;
+    };
+    let params = sender.get_parameters().await.ok()?;
     let mime = &track.codec.mime_type;
     let Some(codec) = params
         .rtp_parameters
@@ -631,32 +753,23 @@ async fn make_rewriter(track: &Published, r: &Receiver, out_ssrc: u32) -> Option
 /// Relays the receiver's keyframe requests to the publisher, and lowers
 /// its simulcast layer while its reports show heavy loss.
 async fn feedback_loop(track: Arc<Published>, r: Arc<Receiver>) {
-    let mut ceiling = simulcast::LossCeiling::default();
-    while let Some(TrackLocalEvent::OnRtcpPacket(pkts)) = r.local.poll().await {
+    let Output::WebRtc { local, .. } = &r.output else {
+        return;
+    };
+    while let Some(TrackLocalEvent::OnRtcpPacket(pkts)) = local.poll().await {
         let blocks = pkts
             .iter()
             .filter_map(|p| p.as_any().downcast_ref::<ReceiverReport>())
             .flat_map(|rr| rr.reports.iter())
             .filter(|b| b.ssrc == r.out_ssrc);
         for b in blocks {
-            let current = match r.current.load(Ordering::Relaxed) {
-                NO_LAYER => None,
-                layer => Some(layer),
-            };
-            let now = ceiling.report(b.fraction_lost, current, Instant::now());
-            if r.ceiling.swap(now, Ordering::Relaxed) != now {
-                debug!(subscriber = %r.subscriber, track = %track.info.id,
-                    lost = b.fraction_lost, ceiling = now, "simulcast ceiling changed by loss");
-            }
-            trace!(subscriber = %r.subscriber, track = %track.info.id, lost = b.fraction_lost, "receiver report");
+            r.reported(b.fraction_lost, Instant::now());
         }
         if pkts.iter().any(|p| is_keyframe_request(p.as_ref())) {
-            match r.current.load(Ordering::Relaxed) {
-                NO_LAYER => {}
-                layer => track.request_layer_keyframe(layer),
-            }
+            r.keyframe_requested();
         }
     }
+    trace!(track = %track.info.id, subscriber = %r.subscriber, "feedback ended");
 }
 
 /// What the tap (a recording) gets of a simulcast track: one layer, the

@@ -32,11 +32,17 @@ pub enum ToNode {
         user_id: String,
         name: String,
         role: Role,
+        /// It receives on a downlink of its own.
+        #[serde(default)]
+        downlink: bool,
     },
     Offer {
         sdp: String,
     },
     Answer {
+        sdp: String,
+    },
+    DownlinkAnswer {
         sdp: String,
     },
     Candidate {
@@ -151,6 +157,7 @@ pub async fn apply(p: &Participant, op: ToNode) -> Result<(), ServerMessage> {
     let result = match op {
         ToNode::Offer { sdp } => p.handle_offer(sdp).await,
         ToNode::Answer { sdp } => p.handle_answer(sdp).await,
+        ToNode::DownlinkAnswer { sdp } => p.handle_downlink_answer(sdp).await,
         ToNode::Candidate { candidate } => p.add_ice_candidate(candidate).await,
         ToNode::Mute { kind, muted } => {
             p.set_muted(kind, muted);
@@ -184,6 +191,7 @@ pub async fn join_local(
         let code = match e {
             SfuError::RoomFull(_) => ErrorCode::RoomFull,
             SfuError::RoomClosed(_) => ErrorCode::RoomClosed,
+            SfuError::DownlinkNeedsMux => ErrorCode::BadMessage,
             _ => ErrorCode::Internal,
         };
         Refusal {
@@ -360,6 +368,7 @@ pub fn to_client(evt: PeerEvent) -> ServerMessage {
     match evt {
         PeerEvent::Offer(sdp) => ServerMessage::Offer { sdp },
         PeerEvent::Answer(sdp) => ServerMessage::Answer { sdp },
+        PeerEvent::DownlinkOffer(sdp) => ServerMessage::DownlinkOffer { sdp },
         PeerEvent::IceCandidate(candidate) => ServerMessage::Candidate { candidate },
         PeerEvent::Removed { reason } => ServerMessage::Removed { reason },
         PeerEvent::MutedByModerator { by, kind } => ServerMessage::MutedByModerator { by, kind },

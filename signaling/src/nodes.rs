@@ -269,6 +269,7 @@ impl Nodes {
             user_id: info.user_id,
             name: info.name,
             role: info.role,
+            downlink: info.downlink,
         };
         let text = |m: &ToNode| Message::Text(serde_json::to_string(m).expect("serialises").into());
         sink.send(text(&join))

@@ -21,11 +21,19 @@ pub enum ClientMessage {
         /// If given, must match the token's room.
         #[serde(default)]
         room: Option<String>,
+        /// Receive on a second connection the server offers
+        /// (`downlink_offer`), not on the one the client publishes on.
+        #[serde(default)]
+        downlink: bool,
     },
     Offer {
         sdp: String,
     },
     Answer {
+        sdp: String,
+    },
+    /// The answer to a `downlink_offer`.
+    DownlinkAnswer {
         sdp: String,
     },
     Candidate {
@@ -63,6 +71,7 @@ pub const CLIENT_TYPES: &[&str] = &[
     "join",
     "offer",
     "answer",
+    "downlink_answer",
     "candidate",
     "mute",
     "leave",
@@ -96,6 +105,10 @@ pub enum ServerMessage {
         sdp: String,
     },
     Answer {
+        sdp: String,
+    },
+    /// An offer of the downlink (for a client that joined with `downlink`).
+    DownlinkOffer {
         sdp: String,
     },
     Candidate {
@@ -286,6 +299,7 @@ mod tests {
             "meeting_ending",
             "recording",
             "video_paused",
+            "downlink_offer",
         ];
         for m in &server {
             assert!(

@@ -187,7 +187,11 @@ impl Session {
             }
         };
         match msg {
-            ClientMessage::Join { token, room } => self.join(&token, room).await,
+            ClientMessage::Join {
+                token,
+                room,
+                downlink,
+            } => self.join(&token, room, downlink).await,
             ClientMessage::Ping {} => {
                 self.send(ServerMessage::Pong {});
                 Flow::Continue
@@ -204,7 +208,7 @@ impl Session {
         }
     }
 
-    async fn join(&mut self, token: &str, room: Option<String>) -> Flow {
+    async fn join(&mut self, token: &str, room: Option<String>, downlink: bool) -> Flow {
         if self.joined.is_some() {
             return self.error(
                 ErrorCode::AlreadyJoined,
@@ -264,6 +268,7 @@ impl Session {
             user_id: claims.sub.clone(),
             name: claims.name.clone(),
             role,
+            downlink,
         };
         let Joined {
             participant_id,
@@ -321,6 +326,7 @@ impl Session {
         let op = match msg {
             ClientMessage::Offer { sdp } => ToNode::Offer { sdp },
             ClientMessage::Answer { sdp } => ToNode::Answer { sdp },
+            ClientMessage::DownlinkAnswer { sdp } => ToNode::DownlinkAnswer { sdp },
             ClientMessage::Candidate { candidate } => ToNode::Candidate { candidate },
             ClientMessage::Mute { kind, muted } => ToNode::Mute { kind, muted },
             ClientMessage::VideoQuality { track_id, quality } => {

@@ -268,12 +268,14 @@ async fn run_session(sfu: Arc<Sfu>, socket: WebSocket) {
                 user_id,
                 name,
                 role,
+                downlink,
             }) => (
                 room,
                 ParticipantInfo {
                     user_id,
                     name,
                     role,
+                    downlink,
                 },
             ),
             Ok(other) => {

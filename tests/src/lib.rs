@@ -365,6 +365,8 @@ pub struct Client {
     pub index: u8,
     signal_tx: mpsc::UnboundedSender<Message>,
     pc: Arc<dyn PeerConnection>,
+    /// The second connection it receives on, when it joined with a downlink.
+    downlink: Option<Arc<dyn PeerConnection>>,
     inbox: Inbox,
     /// Every signaling message received after `joined`, in order.
     pub events: Arc<Mutex<Vec<Value>>>,
@@ -386,7 +388,9 @@ struct Negotiation {
 }
 
 struct ClientHandler {
-    signal: mpsc::UnboundedSender<Message>,
+    /// Where its candidates go; none for a downlink, whose ICE-lite server
+    /// only answers checks.
+    signal: Option<mpsc::UnboundedSender<Message>>,
     inbox: Inbox,
     connected: Arc<Mutex<bool>>,
 }
@@ -394,9 +398,9 @@ struct ClientHandler {
 #[async_trait::async_trait]
 impl PeerConnectionEventHandler for ClientHandler {
     async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
-        if let Ok(c) = event.candidate.to_json() {
+        if let (Some(signal), Ok(c)) = (&self.signal, event.candidate.to_json()) {
             let msg = json!({"type": "candidate", "candidate": c});
-            let _ = self.signal.send(Message::Text(msg.to_string().into()));
+            let _ = signal.send(Message::Text(msg.to_string().into()));
         }
     }
 
@@ -741,6 +745,34 @@ impl Client {
         .await
     }
 
+    /// Joins `room` receiving on a downlink of its own (`docs/signaling.md`),
+    /// publishing synthetic audio and VP8 if `publish`.
+    pub async fn join_downlink(
+        server: &TestServer,
+        name: &str,
+        room: &str,
+        index: u8,
+        publish: bool,
+    ) -> anyhow::Result<Client> {
+        let token = server.token(name, room);
+        let video = publish.then_some("video/VP8");
+        let (media, hop) = (Media::Synthetic, LastHop::Clean);
+        Self::join_with_media_on(server, name, &token, index, video, media, hop, true).await
+    }
+
+    /// Joins publishing nothing, receiving on a downlink through `hop`.
+    pub async fn join_downlink_behind(
+        server: &TestServer,
+        name: &str,
+        room: &str,
+        index: u8,
+        hop: LastHop,
+    ) -> anyhow::Result<Client> {
+        let token = server.token(name, room);
+        let media = Media::Synthetic;
+        Self::join_with_media_on(server, name, &token, index, None, media, hop, true).await
+    }
+
     async fn join_with_media(
         server: &TestServer,
         name: &str,
@@ -750,9 +782,23 @@ impl Client {
         media: Media,
         hop: LastHop,
     ) -> anyhow::Result<Client> {
+        Self::join_with_media_on(server, name, token, index, video_codec, media, hop, false).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn join_with_media_on(
+        server: &TestServer,
+        name: &str,
+        token: &str,
+        index: u8,
+        video_codec: Option<&str>,
+        media: Media,
+        hop: LastHop,
+        downlink: bool,
+    ) -> anyhow::Result<Client> {
         let publish = video_codec.is_some();
         let mut signal = Signal::connect(&server.ws_url()).await?;
-        signal.send(json!({"type": "join", "token": token}));
+        signal.send(json!({"type": "join", "token": token, "downlink": downlink}));
         let joined = signal.expect("joined", Duration::from_secs(10)).await?;
         let participant_id = joined["participant_id"]
             .as_str()
@@ -762,30 +808,27 @@ impl Client {
         let inbox: Inbox = Default::default();
         let connected = Arc::new(Mutex::new(false));
         let handler = Arc::new(ClientHandler {
-            signal: signal.tx.clone(),
+            signal: Some(signal.tx.clone()),
             inbox: inbox.clone(),
             connected: connected.clone(),
         });
         let dropped_video = Arc::new(AtomicUsize::new(0));
         let link_rate = Arc::new(AtomicU64::new(0));
+        let downlink = match downlink {
+            true => {
+                let handler = Arc::new(ClientHandler {
+                    signal: None,
+                    inbox: inbox.clone(),
+                    connected: Arc::new(Mutex::new(false)),
+                });
+                let (me, registry) = client_media_engine(hop, &dropped_video, &link_rate)?;
+                let pc = client_pc(me, registry, handler, true).await?;
+                Some(Arc::new(pc) as Arc<dyn PeerConnection>)
+            }
+            false => None,
+        };
         let (me, registry) = client_media_engine(hop, &dropped_video, &link_rate)?;
-        let pc = PeerConnectionBuilder::new()
-            .with_configuration(RTCConfigurationBuilder::new().build())
-            .with_media_engine(me)
-            .with_interceptor_registry(registry)
-            .with_setting_engine(
-                SettingEngineBuilder::new()
-                    .with_include_loopback_candidate(true)
-                    // As browsers do: no 1 s wait before nominating a pair
-                    // found by the server's check overtaking its candidate.
-                    .with_prflx_acceptance_min_wait(Some(std::time::Duration::ZERO))
-                    .build(),
-            )
-            .with_handler(handler)
-            .with_udp_addrs(vec!["127.0.0.1:0"])
-            .build()
-            .await?;
-        let pc: Arc<dyn PeerConnection> = Arc::new(pc);
+        let pc: Arc<dyn PeerConnection> = Arc::new(client_pc(me, registry, handler, false).await?);
 
         let mut locals = Vec::new();
         let mut layers = Vec::new();
@@ -861,6 +904,7 @@ impl Client {
             signal.rx,
             signal.tx.clone(),
             pc.clone(),
+            downlink.clone(),
             events.clone(),
             negotiation.clone(),
         ));
@@ -886,6 +930,7 @@ impl Client {
             index,
             signal_tx: signal.tx,
             pc,
+            downlink,
             inbox,
             events,
             connected,
@@ -999,20 +1044,55 @@ impl Client {
         self.send(json!({"type": "leave"}));
         let _ = self.signal_tx.send(Message::Close(None));
         let _ = self.pc.close().await;
+        if let Some(downlink) = &self.downlink {
+            let _ = downlink.close().await;
+        }
     }
 
     /// Vanishes without a word: the media stops and the socket goes silent
     /// but is not closed, as when a laptop lid shuts.
     pub async fn vanish(self) -> mpsc::UnboundedSender<Message> {
         let _ = self.pc.close().await;
+        if let Some(downlink) = &self.downlink {
+            let _ = downlink.close().await;
+        }
         self.signal_tx
     }
+}
+
+/// A client's peer connection; `downlink` answers as browsers do (the DTLS
+/// client) where webrtc-rs would be the server for an ICE-lite offer.
+async fn client_pc(
+    me: MediaEngine,
+    registry: Registry,
+    handler: Arc<ClientHandler>,
+    downlink: bool,
+) -> anyhow::Result<impl PeerConnection> {
+    let mut settings = SettingEngineBuilder::new()
+        .with_include_loopback_candidate(true)
+        // As browsers do: no 1 s wait before nominating a pair found by
+        // the server's check overtaking its candidate.
+        .with_prflx_acceptance_min_wait(Some(std::time::Duration::ZERO));
+    if downlink {
+        settings =
+            settings.with_answering_dtls_role(rtc::peer_connection::transport::RTCDtlsRole::Client);
+    }
+    Ok(PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(me)
+        .with_interceptor_registry(registry)
+        .with_setting_engine(settings.build())
+        .with_handler(handler)
+        .with_udp_addrs(vec!["127.0.0.1:0"])
+        .build()
+        .await?)
 }
 
 async fn signal_loop(
     mut rx: mpsc::UnboundedReceiver<Value>,
     tx: mpsc::UnboundedSender<Message>,
     pc: Arc<dyn PeerConnection>,
+    downlink: Option<Arc<dyn PeerConnection>>,
     events: Arc<Mutex<Vec<Value>>>,
     negotiation: Arc<Negotiation>,
 ) {
@@ -1055,6 +1135,16 @@ async fn signal_loop(
                         let sdp = pc.local_description().await.context("offer")?.sdp;
                         send(json!({"type": "offer", "sdp": sdp}));
                     }
+                }
+                "downlink_offer" => {
+                    let pc = downlink.as_ref().context("no downlink")?;
+                    let sdp = v["sdp"].as_str().context("sdp")?.to_owned();
+                    pc.set_remote_description(RTCSessionDescription::offer(sdp)?)
+                        .await?;
+                    let answer = pc.create_answer(None).await?;
+                    pc.set_local_description(answer).await?;
+                    let sdp = pc.local_description().await.context("answer")?.sdp;
+                    send(json!({"type": "downlink_answer", "sdp": sdp}));
                 }
                 "candidate" => {
                     let c: RTCIceCandidateInit = serde_json::from_value(v["candidate"].clone())?;

@@ -28,7 +28,7 @@ pub struct Codec {
     /// Audio channels; 0 for video.
     pub channels: u8,
     /// The `a=fmtp` parameters, if any.
-    pub fmtp: &'static str,
+    pub fmtp: String,
     /// `a=rtcp-fb` values (`nack`, `nack pli`, `ccm fir`, `transport-cc`).
     pub feedback: &'static [&'static str],
     /// The payload type of its retransmissions (RFC 4588), if it has them.
@@ -387,7 +387,7 @@ mod tests {
                     name: "VP8",
                     clock_rate: 90000,
                     channels: 0,
-                    fmtp: "",
+                    fmtp: String::new(),
                     feedback: &["nack", "nack pli"],
                     rtx: Some(97),
                 }],
@@ -406,7 +406,7 @@ mod tests {
                     name: "opus",
                     clock_rate: 48000,
                     channels: 2,
-                    fmtp: "minptime=10",
+                    fmtp: "minptime=10".into(),
                     feedback: &[],
                     rtx: None,
                 }],

@@ -1,0 +1,157 @@
+//! Participants that receive on a downlink of their own (`"downlink": true`
+//! at join, `docs/signaling.md`) alongside ones that receive on their peer
+//! connection: everyone gets everyone else's media, intact and in order.
+
+use confer_tests::{Client, Kind, LastHop, TestServer, init_logging, verify_stream};
+use std::time::{Duration, Instant};
+
+async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downlink_and_peer_connection_receivers_get_everyone() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    let alice = Client::join(&server, "alice", "mixed", 1, true)
+        .await
+        .unwrap();
+    let bob = Client::join_downlink(&server, "bob", "mixed", 2, true)
+        .await
+        .unwrap();
+    let carol = Client::join_downlink(&server, "carol", "mixed", 3, false)
+        .await
+        .unwrap();
+    let publishers = [&alice, &bob];
+    let receivers = [&alice, &bob, &carol];
+    wait_for(
+        "media from every publisher",
+        Duration::from_secs(30),
+        || {
+            receivers.iter().all(|r| {
+                publishers
+                    .iter()
+                    .filter(|p| p.participant_id != r.participant_id)
+                    .all(|p| {
+                        r.received(&p.participant_id, Kind::Audio).packets.len() >= 100
+                            && r.received(&p.participant_id, Kind::Video).packets.len() >= 60
+                    })
+            })
+        },
+    )
+    .await;
+    for r in receivers {
+        for p in publishers
+            .iter()
+            .filter(|p| p.participant_id != r.participant_id)
+        {
+            for kind in [Kind::Audio, Kind::Video] {
+                verify_stream(&r.received(&p.participant_id, kind), p.index, kind, 0)
+                    .unwrap_or_else(|e| panic!("{} ← {} {kind:?}: {e}", r.name, p.name));
+            }
+        }
+    }
+    // The downlink carries what bob and carol receive; bob publishes on
+    // his peer connection as before.
+    assert!(bob.saw(|e| e["type"] == "downlink_offer"));
+    assert!(!alice.saw(|e| e["type"] == "downlink_offer"));
+}
+
+/// A publisher leaving takes its sections off the downlink; one joining
+/// later is offered on it, and media keeps flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downlink_sections_follow_publishers_coming_and_going() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    let viewer = Client::join_downlink(&server, "viewer", "flow", 9, false)
+        .await
+        .unwrap();
+    let first = Client::join(&server, "first", "flow", 1, true)
+        .await
+        .unwrap();
+    wait_for(
+        "the first publisher's video",
+        Duration::from_secs(30),
+        || {
+            viewer
+                .received(&first.participant_id, Kind::Video)
+                .packets
+                .len()
+                >= 30
+        },
+    )
+    .await;
+    first.leave().await;
+    let second = Client::join(&server, "second", "flow", 2, true)
+        .await
+        .unwrap();
+    wait_for(
+        "the second publisher's media",
+        Duration::from_secs(30),
+        || {
+            viewer
+                .received(&second.participant_id, Kind::Video)
+                .packets
+                .len()
+                >= 30
+                && viewer
+                    .received(&second.participant_id, Kind::Audio)
+                    .packets
+                    .len()
+                    >= 50
+        },
+    )
+    .await;
+    for kind in [Kind::Audio, Kind::Video] {
+        verify_stream(&viewer.received(&second.participant_id, kind), 2, kind, 0).unwrap();
+    }
+    let offers = viewer.events_of("downlink_offer");
+    assert!(
+        offers.len() >= 3,
+        "offers: join, leave, join ({})",
+        offers.len()
+    );
+    // The departed publisher's sections stay, inactive, in order.
+    let last = offers.last().unwrap()["sdp"].as_str().unwrap();
+    assert!(last.contains("a=inactive"), "{last}");
+}
+
+/// NACKs on a downlink are answered: a receiver that loses every 10th video
+/// packet still gets every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_packets_on_a_downlink_are_sent_again() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    let publisher = Client::join(&server, "pub", "lossy", 1, true)
+        .await
+        .unwrap();
+    let receiver = Client::join_downlink_behind(&server, "rx", "lossy", 2, LastHop::DropVideo(10))
+        .await
+        .unwrap();
+    wait_for(
+        "video through a lossy last hop",
+        Duration::from_secs(30),
+        || {
+            receiver
+                .received(&publisher.participant_id, Kind::Video)
+                .packets
+                .len()
+                >= 150
+        },
+    )
+    .await;
+    assert!(
+        receiver.dropped_video() >= 10,
+        "dropped {}",
+        receiver.dropped_video()
+    );
+    let video = receiver.received(&publisher.participant_id, Kind::Video);
+    verify_stream(&video, 1, Kind::Video, 0).unwrap();
+}
