@@ -18,18 +18,19 @@
 
 use crate::bandwidth::{Estimate, Reporting};
 use crate::mux::{Attachment, Destination, Routed};
+use crate::sent::SendHistory;
 use crate::track::Receiver;
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use confer_transport::sdp::{self, Codec, Kind, Media, Offer};
 use confer_transport::stream::ntp;
 use confer_transport::{Certificate, Connection, Feedback, OutStream, Received};
-use rtc::interceptor::{BandwidthEstimator, History, convert_twcc};
+use rtc::interceptor::{BandwidthEstimator, convert_twcc};
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
@@ -43,9 +44,6 @@ pub(crate) const TWCC_URI: &str =
 
 /// Packets kept per video stream for retransmission (see `peer::NACK_BUFFER`).
 const KEEP: usize = 128;
-/// Congestion feedback comes within a few round trips; older sends are
-/// forgotten.
-const HISTORY_HORIZON: Duration = Duration::from_secs(2);
 /// Sender reports, per stream, this often.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// RTCP compound packets stay under a path MTU: 28-byte reports, 40 at most.
@@ -57,7 +55,8 @@ pub(crate) struct Downlink {
     /// Where media goes, once the client has checked a pair.
     to: ArcSwapOption<SocketAddr>,
     connected: watch::Sender<bool>,
-    twcc: AtomicU16,
+    /// The next transport-wide sequence number (its low 16 bits go out).
+    twcc: AtomicU64,
     congestion: Mutex<Congestion>,
     /// Receivers by the SSRCs they send on (media and RTX), for feedback.
     streams: Mutex<HashMap<u32, Weak<Receiver>>>,
@@ -66,7 +65,7 @@ pub(crate) struct Downlink {
 }
 
 struct Congestion {
-    history: History,
+    history: SendHistory,
     estimator: Reporting,
 }
 
@@ -88,9 +87,9 @@ impl Downlink {
             conn: Mutex::new(conn),
             to: ArcSwapOption::empty(),
             connected: watch::Sender::new(false),
-            twcc: AtomicU16::new(0),
+            twcc: AtomicU64::new(0),
             congestion: Mutex::new(Congestion {
-                history: History::new(),
+                history: SendHistory::new(Instant::now()),
                 // Without estimation the estimate stays unset: no limit.
                 estimator: Reporting::new(estimate.unwrap_or_default()),
             }),
@@ -174,9 +173,10 @@ impl Downlink {
             return;
         };
         let twcc = self.stamp(&mut packet);
-        match stream.send(&packet, now) {
+        let (ssrc, sequence) = (packet.header.ssrc, packet.header.sequence_number);
+        match stream.send(packet, now) {
             Ok(sealed) => {
-                self.record(&packet, twcc, sealed.len(), now);
+                self.record(twcc, ssrc, sequence, sealed.len(), now);
                 self.attachment.send(*to, &sealed);
             }
             Err(e) => trace!("not protected: {e}"),
@@ -184,23 +184,18 @@ impl Downlink {
     }
 
     /// Gives `packet` the next transport-wide sequence number.
-    fn stamp(&self, packet: &mut rtp::Packet) -> u16 {
+    fn stamp(&self, packet: &mut rtp::Packet) -> u64 {
         let twcc = self.twcc.fetch_add(1, Ordering::Relaxed);
-        let _ = packet
-            .header
-            .set_extension(TWCC_ID, Bytes::copy_from_slice(&twcc.to_be_bytes()));
+        let _ = packet.header.set_extension(
+            TWCC_ID,
+            Bytes::copy_from_slice(&(twcc as u16).to_be_bytes()),
+        );
         twcc
     }
 
-    fn record(&self, packet: &rtp::Packet, twcc: u16, size: usize, now: Instant) {
-        self.congestion.lock().unwrap().history.add_outgoing(
-            packet.header.ssrc,
-            packet.header.sequence_number,
-            true,
-            twcc,
-            size,
-            now,
-        );
+    fn record(&self, twcc: u64, ssrc: u32, sequence: u16, size: usize, now: Instant) {
+        let mut congestion = self.congestion.lock().unwrap();
+        congestion.history.record(twcc, ssrc, sequence, size, now);
     }
 
     /// Sends what the connection queued (check answers, handshake records)
@@ -250,7 +245,7 @@ impl Downlink {
                 Feedback::Congestion(cc) => {
                     let mut congestion = self.congestion.lock().unwrap();
                     for ack in convert_twcc(&cc) {
-                        congestion.history.on_twcc_feedback(now, ack);
+                        congestion.history.acknowledge(&ack);
                     }
                     let reports = congestion.history.take_reports();
                     congestion.estimator.on_reports(now, &reports);
@@ -269,10 +264,12 @@ impl Downlink {
         let Some(to) = self.to.load_full() else {
             return;
         };
-        let mut twcc = None;
-        let sent = stream.retransmit(sequence, now, |p| twcc = Some((self.stamp(p), p.clone())));
-        if let (Some(Ok(sealed)), Some((twcc, packet))) = (sent, twcc) {
-            self.record(&packet, twcc, sealed.len(), now);
+        let mut stamped = None;
+        let sent = stream.retransmit(sequence, now, |p| {
+            stamped = Some((self.stamp(p), p.header.ssrc, p.header.sequence_number));
+        });
+        if let (Some(Ok(sealed)), Some((twcc, ssrc, seq))) = (sent, stamped) {
+            self.record(twcc, ssrc, seq, sealed.len(), now);
             self.attachment.send(*to, &sealed);
         }
     }
@@ -309,12 +306,6 @@ impl Downlink {
             }
         }
         self.flush(&mut conn);
-        drop(conn);
-        self.congestion
-            .lock()
-            .unwrap()
-            .history
-            .prune_before(now.checked_sub(HISTORY_HORIZON).unwrap_or(now));
     }
 }
 

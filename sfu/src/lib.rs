@@ -16,7 +16,8 @@
 //! - `mux`: every participant's media on one UDP port; `outbox`: its sends,
 //!   batched.
 //! - `downlink`: what a participant receives, on a connection of our own
-//!   (`confer-transport`) instead of its peer connection, when it asks.
+//!   (`confer-transport`) instead of its peer connection, when it asks;
+//!   `sent`: what it sent, for congestion feedback.
 //! - [`config`]: media-plane settings.
 //!
 //! The SFU knows nothing of tokens, schedules or WebSockets: signaling admits
@@ -32,6 +33,7 @@ mod mux;
 mod outbox;
 pub mod peer;
 pub mod room;
+mod sent;
 pub mod simulcast;
 pub mod tap;
 pub mod track;

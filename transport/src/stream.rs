@@ -83,17 +83,14 @@ impl OutStream {
 
     /// Protects `packet` (already carrying this stream's SSRC, sequence
     /// numbers and header extensions) and keeps it for retransmission.
-    pub fn send(&mut self, packet: &Packet, now: Instant) -> Result<BytesMut, Error> {
-        let sealed = self.protect(packet)?;
+    pub fn send(&mut self, packet: Packet, now: Instant) -> Result<BytesMut, Error> {
+        let sealed = self.protect(&packet)?;
         self.packets = self.packets.wrapping_add(1);
         self.octets = self.octets.wrapping_add(packet.payload.len() as u32);
         self.last = Some((packet.header.timestamp, now));
         if !self.kept.is_empty() {
             let slot = packet.header.sequence_number as usize % self.kept.len();
-            self.kept[slot] = Some(Kept {
-                packet: packet.clone(),
-                sent: now,
-            });
+            self.kept[slot] = Some(Kept { packet, sent: now });
         }
         Ok(sealed)
     }
@@ -208,7 +205,7 @@ mod tests {
     fn only_a_kept_packet_of_a_stream_with_rtx_is_sent_again() {
         let start = Instant::now();
         let mut plain = stream(None);
-        plain.send(&packet(5), start).unwrap();
+        plain.send(packet(5), start).unwrap();
         assert!(plain.retransmit(5, start, |_| {}).is_none());
 
         let mut s = stream(Some(Rtx {
@@ -216,7 +213,7 @@ mod tests {
             payload_type: 97,
         }));
         for seq in 0..10 {
-            s.send(&packet(seq), start).unwrap();
+            s.send(packet(seq), start).unwrap();
         }
         // 8 kept: 0 and 1 were overwritten by 8 and 9.
         assert!(s.retransmit(1, start, |_| {}).is_none());
@@ -242,8 +239,8 @@ mod tests {
         let mut s = stream(None);
         let wallclock = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert!(s.sender_report(start, wallclock).is_none());
-        s.send(&packet(1), start).unwrap();
-        s.send(&packet(2), start).unwrap();
+        s.send(packet(1), start).unwrap();
+        s.send(packet(2), start).unwrap();
         let report = s
             .sender_report(start + Duration::from_millis(100), wallclock)
             .unwrap();

@@ -367,7 +367,7 @@ fn lost_packets_come_again_reports_and_congestion_feedback_flow() {
             for (stream, pt) in [(&mut *video, 96), (&mut *audio, 111)] {
                 let mut packet = rtp(stream.ssrc(), pt, seq);
                 stamp(&mut packet, &mut twcc);
-                let sealed = stream.send(&packet, pair.now).unwrap();
+                let sealed = stream.send(packet, pair.now).unwrap();
                 // The 30th video packet is lost on the way, once.
                 if stream.ssrc() == VIDEO_SSRC && seq == 30 && !lost_once {
                     lost_once = true;
