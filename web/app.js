@@ -151,6 +151,9 @@ const sights = new IntersectionObserver((entries) => {
 
 // Cameras publish simulcast unless the link says `?simulcast=0`.
 const publishSimulcast = new URLSearchParams(location.search).get('simulcast') !== '0';
+// `?downlink=1`: receive on a second connection the server offers
+// (docs/signaling.md, "Downlink"), sent by the server's own media path.
+const useDownlink = new URLSearchParams(location.search).get('downlink') === '1';
 
 // Simulcast layers for a camera of this size: smallest first, named as the
 // server expects (q, h, f). Below 960 pixels wide Chrome sends at most two.
@@ -265,6 +268,7 @@ async function openDevices() {
 // ---------------------------------------------------------------- call
 let ws = null;
 let pc = null;
+let down = null; // the downlink, with ?downlink=1
 let token = null;
 let leaving = false;
 let retries = 0;
@@ -280,7 +284,7 @@ function send(msg) {
 function connect() {
   setStatus(retries ? 'Reconnecting…' : 'Connecting…');
   ws = new WebSocket(`${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`);
-  ws.onopen = () => send({ type: 'join', token, room: roomId });
+  ws.onopen = () => send({ type: 'join', token, room: roomId, downlink: useDownlink });
   ws.onmessage = (e) => handle(JSON.parse(e.data)).catch((err) => console.error('confer:', err));
   ws.onclose = () => {
     closePeer();
@@ -295,7 +299,9 @@ function connect() {
 
 function closePeer() {
   if (pc) pc.close();
+  if (down) down.close();
   pc = null;
+  down = null;
   pendingCandidates = [];
   for (const id of [...tiles.keys()]) if (id !== selfId) removeTile(id);
 }
@@ -337,18 +343,11 @@ function newPeer(iceServers) {
       makingOffer = false;
     }
   };
-  pc.ontrack = (e) => {
-    // The server names each forwarded stream after its publisher.
-    const owner = e.streams[0] && e.streams[0].id;
-    if (!owner || !tiles.has(owner) || owner === selfId) return;
-    const t = tileFor(owner, '…');
-    t.stream.addTrack(e.track);
-    if (e.track.kind === 'video') askQuality(t, true);
-    e.track.onunmute = () => renderTile(owner);
-    e.track.onended = () => { t.stream.removeTrack(e.track); t.paused.delete(e.track.id); renderTile(owner); };
-    renderTile(owner);
-    t.video.play().catch(() => {});
-  };
+  pc.ontrack = onTrack;
+  if (useDownlink) {
+    down = new RTCPeerConnection({ bundlePolicy: 'max-bundle' });
+    down.ontrack = onTrack;
+  }
   pc.onconnectionstatechange = () => {
     if (pc.connectionState === 'connected') {
       setStatus(mode === 'call' && tiles.size < 2 ? 'Waiting for the other person…' : 'Connected');
@@ -359,6 +358,19 @@ function newPeer(iceServers) {
       ws.close();
     }
   };
+}
+
+function onTrack(e) {
+  // The server names each forwarded stream after its publisher.
+  const owner = e.streams[0] && e.streams[0].id;
+  if (!owner || !tiles.has(owner) || owner === selfId) return;
+  const t = tileFor(owner, '…');
+  t.stream.addTrack(e.track);
+  if (e.track.kind === 'video') askQuality(t, true);
+  e.track.onunmute = () => renderTile(owner);
+  e.track.onended = () => { t.stream.removeTrack(e.track); t.paused.delete(e.track.id); renderTile(owner); };
+  renderTile(owner);
+  t.video.play().catch(() => {});
 }
 
 async function handle(msg) {
@@ -389,6 +401,13 @@ async function handle(msg) {
       await flushCandidates();
       await pc.setLocalDescription();
       send({ type: 'answer', sdp: pc.localDescription.sdp });
+      break;
+    }
+    case 'downlink_offer': {
+      // ICE-lite: the offer names the server's candidate; no trickling.
+      await down.setRemoteDescription({ type: 'offer', sdp: msg.sdp });
+      await down.setLocalDescription();
+      send({ type: 'downlink_answer', sdp: down.localDescription.sdp });
       break;
     }
     case 'answer':
@@ -650,6 +669,7 @@ async function main() {
 // Diagnostics for the browser console and tests: the live peer connection.
 window.confer = {
   get pc() { return pc; },
+  get downlink() { return down; },
   get participantId() { return selfId; },
   get role() { return myRole; },
   get recording() { return recordingOn; },

@@ -105,8 +105,10 @@ struct Negotiation {
     /// Candidates that came before the client's first offer (trickle ICE
     /// may overtake it), applied right after it.
     early_candidates: Vec<RTCIceCandidateInit>,
-    /// On the downlink: every section offered so far, in order.
+    /// On the downlink: every section so far, in order, and how many of
+    /// them the last offer carried (more may have come since).
     sections: Vec<Media>,
+    offered_sections: usize,
 }
 
 /// Which of a participant's connections an offer is for.
@@ -661,7 +663,10 @@ impl Participant {
                 "no downlink offer is awaiting an answer".into(),
             ));
         }
-        let offered: Vec<&str> = n.sections.iter().map(|m| m.mid.as_str()).collect();
+        let offered: Vec<&str> = n.sections[..n.offered_sections]
+            .iter()
+            .map(|m| m.mid.as_str())
+            .collect();
         let answered: Vec<&str> = answer.media.iter().map(|m| m.mid.as_str()).collect();
         if offered != answered {
             return Err(SfuError::BadSdp(format!(
@@ -748,6 +753,7 @@ impl Participant {
         if let (Leg::Downlink, Some(link)) = (leg, &self.downlink) {
             n.offers_made += 1;
             n.awaiting_answer = true;
+            n.offered_sections = n.sections.len();
             let sdp = link.offer(n.offers_made, &n.sections);
             self.send(PeerEvent::DownlinkOffer(sdp));
             return;

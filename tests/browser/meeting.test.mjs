@@ -99,10 +99,12 @@ function remoteFrames(frame) {
 
 async function audioPacketsReceived(frame) {
   return frame.evaluate(async () => {
-    const pc = window.confer && window.confer.pc;
-    if (!pc) return 0;
     let n = 0;
-    (await pc.getStats()).forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'audio') n += s.packetsReceived; });
+    // On the peer connection, or on the downlink (?downlink=1).
+    for (const pc of [window.confer && window.confer.pc, window.confer && window.confer.downlink]) {
+      if (!pc) continue;
+      (await pc.getStats()).forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'audio') n += s.packetsReceived; });
+    }
     return n;
   });
 }
@@ -547,4 +549,30 @@ test('the call widget connects a one-to-one call and tells its host page', async
   await waitFor('Dee told the call ended', 15000, async () => (await a.page.evaluate(() => window.events)).includes('ended'));
   await a.page.context().close();
   await b.page.context().close();
+});
+
+test('with ?downlink=1 three people meet on downlinks; one leaves; media goes on', async () => {
+  const { page: org, path } = await scheduleMeeting('Fay', 'Downlinks');
+  await org.goto(`${base}${path}?downlink=1${new URL(org.url()).hash}`);
+  const guests = [];
+  for (const name of ['Gus', 'Hal']) {
+    guests.push(await openPage(`${path}?downlink=1&name=${name}`));
+  }
+  for (const [i, page] of [org, ...guests].entries()) {
+    await assertMediaFlowing(page, 2, `downlink page ${i}`);
+  }
+  // Everyone's media came on the downlink, which the browser secured with
+  // DTLS-SRTP and reports as connected.
+  const transport = await org.evaluate(async () => {
+    let t = null;
+    (await window.confer.downlink.getStats()).forEach((s) => { if (s.type === 'transport') t = s; });
+    return t && { dtls: t.dtlsState, srtp: t.srtpCipher };
+  });
+  assert.equal(transport.dtls, 'connected');
+  assert.ok(transport.srtp, 'an SRTP cipher');
+  await guests[1].context().close();
+  await waitFor('two tiles left', 15000, async () => (await remoteFrames(org)).length === 1);
+  await assertMediaFlowing(org, 1, 'after one left');
+  await org.context().close();
+  await guests[0].context().close();
 });

@@ -110,6 +110,17 @@ async fn a_receiver_behind_a_slow_link_gets_the_layer_that_fits() {
 /// through. When her link clears, the video comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn video_that_fits_no_layer_is_paused_until_the_link_clears() {
+    paused_until_the_link_clears(false).await;
+}
+
+/// The same, with Ann receiving on a downlink of her own: its congestion
+/// feedback feeds the same estimate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_downlink_too_video_that_fits_no_layer_is_paused_until_the_link_clears() {
+    paused_until_the_link_clears(true).await;
+}
+
+async fn paused_until_the_link_clears(on_downlink: bool) {
     init_logging();
     let server = TestServer::start().await.unwrap();
     let bo = bo_in_two_layers(&server, "thin").await;
@@ -117,9 +128,11 @@ async fn video_that_fits_no_layer_is_paused_until_the_link_clears() {
         bits_per_second: 110_000,
         buffer: Duration::from_secs(30),
     };
-    let ann = Client::join_behind(&server, "ann", "thin", 2, hop)
-        .await
-        .unwrap();
+    let ann = match on_downlink {
+        true => Client::join_downlink_behind(&server, "ann", "thin", 2, hop).await,
+        false => Client::join_behind(&server, "ann", "thin", 2, hop).await,
+    }
+    .unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let paused = loop {
