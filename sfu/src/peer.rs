@@ -636,17 +636,7 @@ impl Participant {
             .set_remote_description(answer)
             .await
             .map_err(|e| SfuError::BadSdp(e.to_string()))?;
-        n.awaiting_answer = false;
-        n.offers_answered = n.offers_made;
-        let answered = n.offers_answered;
-        for (r, needs, _) in &n.receivers {
-            if *needs <= answered {
-                r.negotiated();
-            }
-        }
-        if n.pending {
-            self.offer_locked(&mut n, Leg::Uplink);
-        }
+        self.answered(&mut n, Leg::Uplink);
         Ok(())
     }
 
@@ -675,18 +665,23 @@ impl Participant {
         }
         link.answer(&answer)
             .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        self.answered(&mut n, Leg::Downlink);
+        Ok(())
+    }
+
+    /// After an answer on `leg`: its receivers start, and what changed
+    /// meanwhile is offered.
+    fn answered(&self, n: &mut Negotiation, leg: Leg) {
         n.awaiting_answer = false;
         n.offers_answered = n.offers_made;
-        let answered = n.offers_answered;
         for (r, needs, _) in &n.receivers {
-            if *needs <= answered {
+            if *needs <= n.offers_answered {
                 r.negotiated();
             }
         }
         if n.pending {
-            self.offer_locked(&mut n, Leg::Downlink);
+            self.offer_locked(n, leg);
         }
-        Ok(())
     }
 
     pub async fn add_ice_candidate(&self, candidate: RTCIceCandidateInit) -> Result<(), SfuError> {
@@ -882,30 +877,11 @@ impl Participant {
             track.remove_receiver(&self.id);
             return;
         }
-        if let Some(link) = &self.downlink {
-            let mut n = self.down.lock().await;
-            let Some(i) = n
-                .receivers
-                .iter()
-                .position(|(_, _, id)| *id == track.info.id)
-            else {
-                return;
-            };
-            let (receiver, _, _) = n.receivers.remove(i);
-            track.remove_receiver(&self.id);
-            link.forget(&receiver.ssrcs());
-            // The section stays, inactive: sections keep their order.
-            if let Some(m) = n
-                .sections
-                .iter_mut()
-                .find(|m| m.track == track.info.id && m.sending)
-            {
-                m.sending = false;
-            }
-            self.offer_locked(&mut n, Leg::Downlink);
-            return;
-        }
-        let mut n = self.negotiation.lock().await;
+        let (negotiation, leg) = match &self.downlink {
+            Some(_) => (&self.down, Leg::Downlink),
+            None => (&self.negotiation, Leg::Uplink),
+        };
+        let mut n = negotiation.lock().await;
         let Some(i) = n
             .receivers
             .iter()
@@ -915,15 +891,28 @@ impl Participant {
         };
         let (receiver, _, _) = n.receivers.remove(i);
         track.remove_receiver(&self.id);
-        if self.closed.load(Ordering::Acquire) {
-            return;
+        match &receiver.output {
+            Output::Downlink { link, .. } => {
+                link.forget(&receiver.ssrcs());
+                // The section stays, inactive: sections keep their order.
+                if let Some(m) = n
+                    .sections
+                    .iter_mut()
+                    .find(|m| m.track == track.info.id && m.sending)
+                {
+                    m.sending = false;
+                }
+            }
+            Output::WebRtc { sender, .. } => {
+                if self.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                if let Err(e) = self.pc.remove_track(sender).await {
+                    debug!(participant = %self.id, "remove_track: {e}");
+                }
+            }
         }
-        if let Output::WebRtc { sender, .. } = &receiver.output
-            && let Err(e) = self.pc.remove_track(sender).await
-        {
-            debug!(participant = %self.id, "remove_track: {e}");
-        }
-        self.offer_locked(&mut n, Leg::Uplink);
+        self.offer_locked(&mut n, leg);
     }
 
     /// Header extensions the client negotiated for what it sends, `(uri, id)`.

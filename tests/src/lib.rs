@@ -42,6 +42,18 @@ pub mod garage;
 pub mod lossy;
 pub mod radicale;
 
+/// Waits until `cond` holds, polling; fails with `what` after `within`.
+pub async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -745,32 +757,20 @@ impl Client {
         .await
     }
 
-    /// Joins `room` receiving on a downlink of its own (`docs/signaling.md`),
-    /// publishing synthetic audio and VP8 if `publish`.
+    /// Joins `room` receiving on a downlink of its own (`docs/signaling.md`)
+    /// through `hop`, publishing synthetic audio and VP8 if `publish`.
     pub async fn join_downlink(
         server: &TestServer,
         name: &str,
         room: &str,
         index: u8,
         publish: bool,
-    ) -> anyhow::Result<Client> {
-        let token = server.token(name, room);
-        let video = publish.then_some("video/VP8");
-        let (media, hop) = (Media::Synthetic, LastHop::Clean);
-        Self::join_with_media_on(server, name, &token, index, video, media, hop, true).await
-    }
-
-    /// Joins publishing nothing, receiving on a downlink through `hop`.
-    pub async fn join_downlink_behind(
-        server: &TestServer,
-        name: &str,
-        room: &str,
-        index: u8,
         hop: LastHop,
     ) -> anyhow::Result<Client> {
         let token = server.token(name, room);
+        let video = publish.then_some("video/VP8");
         let media = Media::Synthetic;
-        Self::join_with_media_on(server, name, &token, index, None, media, hop, true).await
+        Self::join_with_media_on(server, name, &token, index, video, media, hop, true).await
     }
 
     async fn join_with_media(

@@ -2,19 +2,8 @@
 //! at join, `docs/signaling.md`) alongside ones that receive on their peer
 //! connection: everyone gets everyone else's media, intact and in order.
 
-use confer_tests::{Client, Kind, LastHop, TestServer, init_logging, verify_stream};
-use std::time::{Duration, Instant};
-
-async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use confer_tests::{Client, Kind, LastHop, TestServer, init_logging, verify_stream, wait_for};
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn downlink_and_peer_connection_receivers_get_everyone() {
@@ -23,10 +12,10 @@ async fn downlink_and_peer_connection_receivers_get_everyone() {
     let alice = Client::join(&server, "alice", "mixed", 1, true)
         .await
         .unwrap();
-    let bob = Client::join_downlink(&server, "bob", "mixed", 2, true)
+    let bob = Client::join_downlink(&server, "bob", "mixed", 2, true, LastHop::Clean)
         .await
         .unwrap();
-    let carol = Client::join_downlink(&server, "carol", "mixed", 3, false)
+    let carol = Client::join_downlink(&server, "carol", "mixed", 3, false, LastHop::Clean)
         .await
         .unwrap();
     let publishers = [&alice, &bob];
@@ -70,7 +59,7 @@ async fn downlink_and_peer_connection_receivers_get_everyone() {
 async fn downlink_sections_follow_publishers_coming_and_going() {
     init_logging();
     let server = TestServer::start().await.unwrap();
-    let viewer = Client::join_downlink(&server, "viewer", "flow", 9, false)
+    let viewer = Client::join_downlink(&server, "viewer", "flow", 9, false, LastHop::Clean)
         .await
         .unwrap();
     let first = Client::join(&server, "first", "flow", 1, true)
@@ -132,7 +121,7 @@ async fn lost_packets_on_a_downlink_are_sent_again() {
     let publisher = Client::join(&server, "pub", "lossy", 1, true)
         .await
         .unwrap();
-    let receiver = Client::join_downlink_behind(&server, "rx", "lossy", 2, LastHop::DropVideo(10))
+    let receiver = Client::join_downlink(&server, "rx", "lossy", 2, false, LastHop::DropVideo(10))
         .await
         .unwrap();
     wait_for(

@@ -1,21 +1,11 @@
 //! Participants join a room over loopback with real WebRTC, publish audio
 //! and video, and receive everyone else's media intact and in order.
 
-use confer_tests::{Client, Kind, Signal, TestServer, check_payload, init_logging, verify_stream};
+use confer_tests::{
+    Client, Kind, Signal, TestServer, check_payload, init_logging, verify_stream, wait_for,
+};
 use serde_json::json;
 use std::time::{Duration, Instant};
-
-/// Waits until `cond` holds, polling; fails with `what` after `within`.
-async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Every client receives at least `audio`/`video` packets from every other.
 async fn wait_for_media(clients: &[Client], audio: usize, video: usize, within: Duration) {

@@ -129,7 +129,7 @@ async fn paused_until_the_link_clears(on_downlink: bool) {
         buffer: Duration::from_secs(30),
     };
     let ann = match on_downlink {
-        true => Client::join_downlink_behind(&server, "ann", "thin", 2, hop).await,
+        true => Client::join_downlink(&server, "ann", "thin", 2, false, hop).await,
         false => Client::join_behind(&server, "ann", "thin", 2, hop).await,
     }
     .unwrap();
