@@ -123,9 +123,11 @@ async function waitFor(what, timeoutMs, fn) {
 
 // Every remote video decodes frames, and keeps decoding; audio packets keep coming.
 async function assertMediaFlowing(frame, remotes, label) {
-  await waitFor(`${label}: ${remotes} remote videos with frames`, 30000, async () => {
+  // Audio may start a moment after video (its transceiver can come in a
+  // later offer, and silence is not forwarded): wait for both to start.
+  await waitFor(`${label}: ${remotes} remote videos with frames, and audio`, 30000, async () => {
     const f = await remoteFrames(frame);
-    return f.length === remotes && f.every((n) => n > 0);
+    return f.length === remotes && f.every((n) => n > 0) && (await audioPacketsReceived(frame)) > 0;
   });
   const f1 = await remoteFrames(frame);
   const a1 = await audioPacketsReceived(frame);
