@@ -165,15 +165,24 @@ impl Connection {
 
     fn check(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
         let Some(req) = ice::binding_request(datagram) else {
+            tracing::debug!(%from, "not a binding request with an ICE username");
             return;
         };
-        if req.ufrag != self.ufrag
-            || self
-                .remote_ufrag
-                .as_deref()
-                .is_some_and(|theirs| theirs != req.remote_ufrag)
-            || !req.authentic(datagram, self.pwd.as_bytes())
+        let refused = if req.ufrag != self.ufrag {
+            Some("for another ufrag")
+        } else if self
+            .remote_ufrag
+            .as_deref()
+            .is_some_and(|theirs| theirs != req.remote_ufrag)
         {
+            Some("from another client's ufrag")
+        } else if !req.authentic(datagram, self.pwd.as_bytes()) {
+            Some("without our password's MESSAGE-INTEGRITY")
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            tracing::debug!(%from, ufrag = req.remote_ufrag, "check refused: {why}");
             return;
         }
         if !self.proven.contains(&from) {
