@@ -126,7 +126,7 @@ function askQuality(t, force = false) {
   const quality = qualityFor(t);
   if (!force && quality === t.quality) return;
   t.quality = quality;
-  for (const track of t.stream.getVideoTracks()) send({ type: 'video_quality', track_id: track.id, quality });
+  for (const track of t.stream.getVideoTracks()) send({ type: 'video_quality', track_id: serverId(track), quality });
 }
 
 const sizes = new ResizeObserver((entries) => {
@@ -187,7 +187,7 @@ function renderTile(id) {
     t.label.append(span);
   }
   // A video the server paused for bandwidth shows the placeholder, not a frozen picture.
-  const live = t.stream.getVideoTracks().some((v) => v.readyState === 'live' && !t.paused.has(v.id));
+  const live = t.stream.getVideoTracks().some((v) => v.readyState === 'live' && !t.paused.has(serverId(v)));
   t.el.classList.toggle('has-video', live && !t.videoMuted);
 }
 
@@ -360,15 +360,30 @@ function newPeer(iceServers) {
   };
 }
 
+// The server's id of each received track, from the msid of its section:
+// Firefox (as the standard now says) gives a received track an id of its
+// own, so `track.id` cannot name it to the server.
+const serverIds = new WeakMap();
+const serverId = (track) => serverIds.get(track) || track.id;
+
+function msidTrack(pc, mid) {
+  const sdp = (pc.remoteDescription && pc.remoteDescription.sdp) || '';
+  const section = sdp.split('\r\nm=').find((s) => s.includes(`\r\na=mid:${mid}\r\n`));
+  const m = section && section.match(/\r\na=msid:\S+ (\S+)/);
+  return m && m[1];
+}
+
 function onTrack(e) {
   // The server names each forwarded stream after its publisher.
   const owner = e.streams[0] && e.streams[0].id;
   if (!owner || !tiles.has(owner) || owner === selfId) return;
+  const id = msidTrack(e.target, e.transceiver.mid);
+  if (id) serverIds.set(e.track, id);
   const t = tileFor(owner, '…');
   t.stream.addTrack(e.track);
   if (e.track.kind === 'video') askQuality(t, true);
   e.track.onunmute = () => renderTile(owner);
-  e.track.onended = () => { t.stream.removeTrack(e.track); t.paused.delete(e.track.id); renderTile(owner); };
+  e.track.onended = () => { t.stream.removeTrack(e.track); t.paused.delete(serverId(e.track)); renderTile(owner); };
   renderTile(owner);
   t.video.play().catch(() => {});
 }
@@ -439,7 +454,7 @@ async function handle(msg) {
     }
     case 'video_paused':
       for (const [pid, t] of tiles) {
-        if (!t.stream.getVideoTracks().some((v) => v.id === msg.track_id)) continue;
+        if (!t.stream.getVideoTracks().some((v) => serverId(v) === msg.track_id)) continue;
         if (msg.paused) t.paused.add(msg.track_id); else t.paused.delete(msg.track_id);
         renderTile(pid);
       }

@@ -1,0 +1,109 @@
+// Firefox (Debian's firefox-esr, driven by Puppeteer over WebDriver BiDi)
+// in meetings with Chromium, against a real `confer serve` on 127.0.0.1:
+// the two engines publish, simulcast and answer offers differently.
+//
+// Run it through ./in-netns: Firefox does not pair with a server on
+// loopback. TEST_CONFER_BIN names the confer binary; FIREFOX may name the
+// browser.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import puppeteer from 'puppeteer-core';
+import { assertMediaFlowing, joinToken, launchChromium, startConfer, waitFor } from './harness.mjs';
+
+const secret = randomBytes(16).toString('hex');
+let server;
+let chromium;
+
+before(async () => {
+  assert.ok(process.env.TEST_IN_NETNS, 'run this file through tests/browser/in-netns');
+  server = await startConfer({ CONFER_AUTH_TOKEN_SECRET: secret });
+  chromium = await launchChromium();
+});
+
+// Each Firefox page in a browser of its own, as on its own machine: a
+// background tab would not paint its videos.
+function launchFirefox() {
+  return puppeteer.launch({
+    browser: 'firefox',
+    executablePath: process.env.FIREFOX || '/usr/bin/firefox-esr',
+    headless: true,
+    extraPrefsFirefox: {
+      // A fake camera and microphone, no permission prompt.
+      'media.navigator.streams.fake': true,
+      'media.navigator.permission.disabled': true,
+      // Remote media plays with sound without a click.
+      'media.autoplay.default': 0,
+      // The server is on 127.0.0.1: gather loopback candidates, unobfuscated.
+      'media.peerconnection.ice.loopback': true,
+      'media.peerconnection.ice.obfuscate_host_addresses': false,
+    },
+  });
+}
+
+after(async () => {
+  if (chromium) await chromium.close();
+  if (server) server.proc.kill('SIGTERM');
+});
+
+function meetingUrl(room, name, query) {
+  const token = joinToken(secret, {
+    sub: `u-${name}`, name, room, role: 'participant', kind: 'call',
+    exp: Math.floor(Date.now() / 1000) + 600,
+  });
+  return `${server.url}/m/${room}${query}#token=${token}`;
+}
+
+async function openChromium(url) {
+  const ctx = await chromium.newContext();
+  const page = await ctx.newPage();
+  page.on('pageerror', (e) => console.error('[chromium] page error:', e.message));
+  await page.goto(url);
+  return { page, close: () => ctx.close() };
+}
+
+async function openFirefox(url) {
+  const firefox = await launchFirefox();
+  const [page] = await firefox.pages();
+  page.on('pageerror', (e) => console.error('[firefox] page error:', e.message));
+  await page.goto(url);
+  return { page, close: () => firefox.close() };
+}
+
+async function meetAcrossBrowsers(query, receiving) {
+  const room = `ff-${randomBytes(4).toString('hex')}`;
+  const people = [
+    ['Ana (Chromium)', await openChromium(meetingUrl(room, 'Ana', query))],
+    ['Bo (Firefox)', await openFirefox(meetingUrl(room, 'Bo', query))],
+    ['Cy (Firefox)', await openFirefox(meetingUrl(room, 'Cy', query))],
+  ];
+  try {
+    for (const [label, { page }] of people) await assertMediaFlowing(page, 2, label);
+    // Firefox really is the one publishing and receiving there, on the
+    // connection the test is about.
+    const agent = await people[1][1].page.evaluate(() => navigator.userAgent);
+    assert.match(agent, /Firefox\//);
+    for (const [label, { page }] of people) {
+      const on = await page.evaluate(() => (window.confer.downlink ? 'downlink' : 'peer connection'));
+      assert.equal(on, receiving, label);
+    }
+    // One Firefox leaves; the others carry on with each other.
+    await people[2][1].close();
+    for (const [label, { page }] of people.slice(0, 2)) {
+      await waitFor(`${label}: the tile of the one who left to go`, 15000, async () =>
+        page.evaluate(() => document.querySelectorAll('.tile.remote').length === 1));
+      await assertMediaFlowing(page, 1, `${label}, after Cy left`);
+    }
+  } finally {
+    for (const [, p] of people) await p.close().catch(() => {});
+  }
+}
+
+test('Chromium and two Firefoxes meet on peer connections; one leaves', async () => {
+  await meetAcrossBrowsers('', 'peer connection');
+});
+
+test('Chromium and two Firefoxes meet on downlinks (?downlink=1); one leaves', async () => {
+  await meetAcrossBrowsers('?downlink=1', 'downlink');
+});
