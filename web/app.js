@@ -151,9 +151,15 @@ const sights = new IntersectionObserver((entries) => {
 
 // Cameras publish simulcast unless the link says `?simulcast=0`.
 const publishSimulcast = new URLSearchParams(location.search).get('simulcast') !== '0';
-// `?downlink=1`: receive on a second connection the server offers
-// (docs/signaling.md, "Downlink"), sent by the server's own media path.
-const useDownlink = new URLSearchParams(location.search).get('downlink') === '1';
+// Receive on a second connection the server offers (docs/signaling.md,
+// "Downlink"), sent by the server's own media path, which costs it half as
+// much; `?downlink=0` receives on the publishing connection instead.
+const useDownlink = new URLSearchParams(location.search).get('downlink') !== '0';
+// A downlink that never connected (a network or browser it does not suit):
+// the page rejoins receiving on its one peer connection.
+let downlinkFailed = false;
+let downlinkWorked = false;
+let onDownlink = false; // this join's choice
 
 // Simulcast layers for a camera of this size: smallest first, named as the
 // server expects (q, h, f). Below 960 pixels wide Chrome sends at most two.
@@ -268,7 +274,7 @@ async function openDevices() {
 // ---------------------------------------------------------------- call
 let ws = null;
 let pc = null;
-let down = null; // the downlink, with ?downlink=1
+let down = null; // the downlink, unless ?downlink=0
 let token = null;
 let leaving = false;
 let retries = 0;
@@ -284,7 +290,8 @@ function send(msg) {
 function connect() {
   setStatus(retries ? 'Reconnecting…' : 'Connecting…');
   ws = new WebSocket(`${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`);
-  ws.onopen = () => send({ type: 'join', token, room: roomId, downlink: useDownlink });
+  onDownlink = useDownlink && !downlinkFailed;
+  ws.onopen = () => send({ type: 'join', token, room: roomId, downlink: onDownlink });
   ws.onmessage = (e) => handle(JSON.parse(e.data)).catch((err) => console.error('confer:', err));
   ws.onclose = () => {
     closePeer();
@@ -321,6 +328,20 @@ function preferVp8(transceiver) {
   }
 }
 
+const DOWNLINK_CONNECT_MS = 8000;
+
+// The downlink failed, or did not connect in time: rejoin, and if it never
+// connected in this page, rejoin receiving on the peer connection.
+function downlinkLost(link) {
+  if (link !== down) return;
+  if (!downlinkWorked) {
+    console.warn('confer: the downlink did not connect; receiving on the peer connection');
+    downlinkFailed = true;
+  }
+  showBanner('The media connection failed; reconnecting…', 'error');
+  ws.close();
+}
+
 function newPeer(iceServers) {
   pc = new RTCPeerConnection({ iceServers, bundlePolicy: 'max-bundle' });
   for (const track of localStream.getTracks()) {
@@ -344,9 +365,14 @@ function newPeer(iceServers) {
     }
   };
   pc.ontrack = onTrack;
-  if (useDownlink) {
-    down = new RTCPeerConnection({ bundlePolicy: 'max-bundle' });
-    down.ontrack = onTrack;
+  if (onDownlink) {
+    const link = new RTCPeerConnection({ bundlePolicy: 'max-bundle' });
+    link.ontrack = onTrack;
+    link.onconnectionstatechange = () => {
+      if (link.connectionState === 'connected') downlinkWorked = true;
+      if (link.connectionState === 'failed') downlinkLost(link);
+    };
+    down = link;
   }
   pc.onconnectionstatechange = () => {
     if (pc.connectionState === 'connected') {
@@ -420,6 +446,12 @@ async function handle(msg) {
     }
     case 'downlink_offer': {
       // ICE-lite: the offer names the server's candidate; no trickling.
+      const link = down;
+      // A browser may keep checking for half a minute before it calls a
+      // connection failed; a first downlink gets a few seconds.
+      if (link.signalingState === 'stable' && !link.remoteDescription) {
+        setTimeout(() => { if (link.connectionState !== 'connected') downlinkLost(link); }, DOWNLINK_CONNECT_MS);
+      }
       await down.setRemoteDescription({ type: 'offer', sdp: msg.sdp });
       await down.setLocalDescription();
       send({ type: 'downlink_answer', sdp: down.localDescription.sdp });

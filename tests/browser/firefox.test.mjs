@@ -100,10 +100,10 @@ async function meetAcrossBrowsers(query, receiving) {
   }
 }
 
-test('Chromium and two Firefoxes meet on peer connections; one leaves', async () => {
-  await meetAcrossBrowsers('', 'peer connection');
+test('Chromium and two Firefoxes meet on downlinks; one leaves', async () => {
+  await meetAcrossBrowsers('', 'downlink');
 });
 
-test('Chromium and two Firefoxes meet on downlinks (?downlink=1); one leaves', async () => {
-  await meetAcrossBrowsers('?downlink=1', 'downlink');
+test('Chromium and two Firefoxes meet on peer connections (?downlink=0); one leaves', async () => {
+  await meetAcrossBrowsers('?downlink=0', 'peer connection');
 });

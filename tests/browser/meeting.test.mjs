@@ -90,16 +90,18 @@ test('three people meet; one leaves and the others drop the tile; the organizer 
 function videoStats(page) {
   return page.evaluate(async () => {
     const out = { widths: [], frames: 0, packets: 0, sent: [] };
-    const pc = window.confer && window.confer.pc;
-    if (!pc) return out;
-    (await pc.getStats()).forEach((s) => {
-      if (s.type === 'inbound-rtp' && s.kind === 'video') {
-        out.widths.push(s.frameWidth || 0);
-        out.frames += s.framesDecoded || 0;
-        out.packets += s.packetsReceived || 0;
-      }
-      if (s.type === 'outbound-rtp' && s.kind === 'video' && s.rid) out.sent.push(s.rid);
-    });
+    // Sent on the peer connection; received on the downlink, if there is one.
+    for (const pc of [window.confer && window.confer.pc, window.confer && window.confer.downlink]) {
+      if (!pc) continue;
+      (await pc.getStats()).forEach((s) => {
+        if (s.type === 'inbound-rtp' && s.kind === 'video') {
+          out.widths.push(s.frameWidth || 0);
+          out.frames += s.framesDecoded || 0;
+          out.packets += s.packetsReceived || 0;
+        }
+        if (s.type === 'outbound-rtp' && s.kind === 'video' && s.rid) out.sent.push(s.rid);
+      });
+    }
     out.sent.sort();
     return out;
   });
@@ -456,28 +458,57 @@ test('the call widget connects a one-to-one call and tells its host page', async
   await b.page.context().close();
 });
 
-test('with ?downlink=1 three people meet on downlinks; one leaves; media goes on', async () => {
-  const { page: org, path } = await scheduleMeeting('Fay', 'Downlinks');
-  await org.goto(`${base}${path}?downlink=1${new URL(org.url()).hash}`);
-  const guests = [];
-  for (const name of ['Gus', 'Hal']) {
-    guests.push(await openPage(`${path}?downlink=1&name=${name}`));
-  }
-  for (const [i, page] of [org, ...guests].entries()) {
-    await assertMediaFlowing(page, 2, `downlink page ${i}`);
-  }
-  // Everyone's media came on the downlink, which the browser secured with
-  // DTLS-SRTP and reports as connected.
-  const transport = await org.evaluate(async () => {
+// How a page receives: on its downlink (connected, DTLS-SRTP) or on its
+// one peer connection.
+function receiving(page) {
+  return page.evaluate(async () => {
+    const down = window.confer && window.confer.downlink;
+    if (!down) return window.confer && window.confer.pc ? 'peer connection' : 'nothing';
     let t = null;
-    (await window.confer.downlink.getStats()).forEach((s) => { if (s.type === 'transport') t = s; });
-    return t && { dtls: t.dtlsState, srtp: t.srtpCipher };
+    (await down.getStats()).forEach((s) => { if (s.type === 'transport') t = s; });
+    return t && t.dtlsState === 'connected' && t.srtpCipher ? 'downlink' : `downlink ${t && t.dtlsState}`;
   });
-  assert.equal(transport.dtls, 'connected');
-  assert.ok(transport.srtp, 'an SRTP cipher');
-  await guests[1].context().close();
+}
+
+test('pages receive on downlinks, or with ?downlink=0 on their peer connection; both meet; one leaves', async () => {
+  const { page: org, path } = await scheduleMeeting('Fay', 'Downlinks');
+  const gus = await openPage(`${path}?downlink=0&name=Gus`);
+  const hal = await openPage(`${path}?name=Hal`);
+  for (const [i, page] of [org, gus, hal].entries()) {
+    await assertMediaFlowing(page, 2, `page ${i}`);
+  }
+  assert.deepEqual(await Promise.all([org, gus, hal].map(receiving)),
+    ['downlink', 'peer connection', 'downlink']);
+  await hal.context().close();
   await waitFor('two tiles left', 15000, async () => (await remoteFrames(org)).length === 1);
   await assertMediaFlowing(org, 1, 'after one left');
+  await assertMediaFlowing(gus, 1, 'Gus after one left');
   await org.context().close();
-  await guests[0].context().close();
+  await gus.context().close();
+});
+
+test('a downlink that never connects: the page rejoins receiving on its peer connection', async () => {
+  const ctx = await browser.newContext();
+  // The server's downlink candidate, moved to a port where nothing answers.
+  await ctx.addInitScript(() => {
+    const set = RTCPeerConnection.prototype.setRemoteDescription;
+    RTCPeerConnection.prototype.setRemoteDescription = function (desc) {
+      if (desc && desc.type === 'offer' && desc.sdp.includes('a=ice-lite')) {
+        desc = { type: 'offer', sdp: desc.sdp.replace(/(a=candidate:\S+ \d+ udp \d+ \S+ )\d+/g, (_, head) => `${head}9`) };
+      }
+      return set.call(this, desc);
+    };
+  });
+  const { page: org, path } = await scheduleMeeting('Ida', 'No downlink');
+  const jo = await ctx.newPage();
+  await jo.goto(`${base}${path}?name=Jo`);
+  await waitFor('Jo trying a downlink', 15000, async () => (await receiving(jo)).startsWith('downlink'));
+  const started = Date.now();
+  await waitFor('Jo back on the peer connection', 60000, async () =>
+    (await receiving(jo)) === 'peer connection');
+  console.log(`a downlink that did not connect was given up after ${Date.now() - started} ms`);
+  await assertMediaFlowing(jo, 1, 'Jo');
+  await assertMediaFlowing(org, 1, 'Ida');
+  await org.context().close();
+  await ctx.close();
 });
