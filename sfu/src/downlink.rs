@@ -39,6 +39,18 @@ use tracing::{debug, trace};
 /// Header extension ids in every downlink offer.
 pub(crate) const AUDIO_LEVEL_ID: u8 = 1;
 pub(crate) const TWCC_ID: u8 = 3;
+
+/// Every 16-bit sequence number, big-endian: a packet's transport-wide
+/// number is a static slice of this (128 KiB) rather than an allocation.
+static SEQUENCES: [[u8; 2]; 1 << 16] = {
+    let mut all = [[0; 2]; 1 << 16];
+    let mut n = 0;
+    while n < all.len() {
+        all[n] = (n as u16).to_be_bytes();
+        n += 1;
+    }
+    all
+};
 pub(crate) const TWCC_URI: &str =
     "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01";
 
@@ -186,10 +198,8 @@ impl Downlink {
     /// Gives `packet` the next transport-wide sequence number.
     fn stamp(&self, packet: &mut rtp::Packet) -> u64 {
         let twcc = self.twcc.fetch_add(1, Ordering::Relaxed);
-        let _ = packet.header.set_extension(
-            TWCC_ID,
-            Bytes::copy_from_slice(&(twcc as u16).to_be_bytes()),
-        );
+        let value = Bytes::from_static(&SEQUENCES[twcc as u16 as usize]);
+        let _ = packet.header.set_extension(TWCC_ID, value);
         twcc
     }
 

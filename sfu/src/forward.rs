@@ -205,6 +205,32 @@ impl Rewriter {
     }
 }
 
+/// A copy of `pkt` to rewrite for one receiver, with room for one more
+/// header extension, so that a downlink's transport-wide sequence number
+/// does not grow the vector again: one allocation per copy, not two.
+pub fn copy_for_receiver(pkt: &rtp::Packet) -> rtp::Packet {
+    let h = &pkt.header;
+    let mut extensions = Vec::with_capacity(h.extensions.len() + 1);
+    extensions.extend(h.extensions.iter().cloned());
+    rtp::Packet {
+        header: rtp::header::Header {
+            version: h.version,
+            padding: h.padding,
+            extension: h.extension,
+            marker: h.marker,
+            payload_type: h.payload_type,
+            sequence_number: h.sequence_number,
+            timestamp: h.timestamp,
+            ssrc: h.ssrc,
+            csrc: h.csrc.clone(),
+            extension_profile: h.extension_profile,
+            extensions,
+            extensions_padding: h.extensions_padding,
+        },
+        payload: pkt.payload.clone(),
+    }
+}
+
 /// RFC 6464 level of digital silence: what a muted microphone sends.
 pub const SILENT: u8 = 127;
 
@@ -316,6 +342,22 @@ mod tests {
             },
             payload: Bytes::from_static(b"x"),
         }
+    }
+
+    #[test]
+    fn a_receivers_copy_is_the_packet_with_room_for_one_more_extension() {
+        let mut p = pkt(7, 1000, 5000);
+        p.header.marker = true;
+        p.header.csrc = vec![9];
+        p.header
+            .set_extension(1, Bytes::from_static(&[0x90]))
+            .unwrap();
+        p.header
+            .set_extension(4, Bytes::from_static(&[1, 2]))
+            .unwrap();
+        let copy = copy_for_receiver(&p);
+        assert_eq!(copy, p);
+        assert!(copy.header.extensions.capacity() > p.header.extensions.len());
     }
 
     #[test]

@@ -413,7 +413,7 @@ impl Published {
             let ticks = paused.as_micros() * u128::from(self.codec.clock_rate) / 1_000_000;
             rw.resume(ticks.min(u128::from(u32::MAX / 2)) as u32);
         }
-        let mut out = pkt.clone();
+        let mut out = forward::copy_for_receiver(pkt);
         if !rw.rewrite(&mut out) {
             return None;
         }

@@ -132,8 +132,10 @@ impl OutStream {
         let n = packet
             .marshal_to(&mut self.scratch)
             .map_err(|e| Error::Rtp(e.to_string()))?;
+        // With the header we have: `encrypt_rtp` would parse it again, with
+        // an allocation per header extension.
         self.context
-            .encrypt_rtp(&self.scratch[..n])
+            .encrypt_rtp_with_header(&self.scratch[..n], &packet.header)
             .map_err(|e| Error::Srtp(e.to_string()))
     }
 
