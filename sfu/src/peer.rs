@@ -109,6 +109,11 @@ struct Negotiation {
     /// them the last offer carried (more may have come since).
     sections: Vec<Media>,
     offered_sections: usize,
+    /// Sections whose track is gone, each with the offer that makes it
+    /// inactive: once that offer is answered, a new track of its kind takes
+    /// the section over, so a long meeting's offers do not grow with every
+    /// departure.
+    idle: Vec<(usize, u64)>,
 }
 
 /// Which of a participant's connections an offer is for.
@@ -844,10 +849,9 @@ impl Participant {
             return;
         }
         let (ssrc, rtx_ssrc): (u32, u32) = (rand::random(), rand::random());
-        let mid = n.sections.len().to_string();
         // The receiver groups tracks by stream id: one stream per publisher.
-        let Some(section) = downlink::section(
-            mid,
+        let Some(mut section) = downlink::section(
+            String::new(),
             &track.codec,
             ssrc,
             rtx_ssrc,
@@ -858,7 +862,28 @@ impl Participant {
                 "codec not forwarded on a downlink");
             return;
         };
-        n.sections.push(section);
+        // Only a section the client knows is inactive: taking over one it
+        // still receives on would change its track's stream without a
+        // `track` event, and the page would never show the newcomer.
+        let answered = n.offers_answered;
+        let sections = &n.sections;
+        let reusable = n
+            .idle
+            .iter()
+            .position(|&(i, needs)| needs <= answered && sections[i].kind == section.kind);
+        match reusable {
+            Some(at) => {
+                let (i, _) = n.idle.swap_remove(at);
+                section.mid = std::mem::take(&mut n.sections[i].mid);
+                debug!(participant = %self.id, track = %track.info.id, mid = %section.mid,
+                    "downlink section reused");
+                n.sections[i] = section;
+            }
+            None => {
+                section.mid = n.sections.len().to_string();
+                n.sections.push(section);
+            }
+        }
         let output = Output::Downlink {
             link: link.clone(),
             rtx_ssrc,
@@ -894,13 +919,16 @@ impl Participant {
         match &receiver.output {
             Output::Downlink { link, .. } => {
                 link.forget(&receiver.ssrcs());
-                // The section stays, inactive: sections keep their order.
-                if let Some(m) = n
+                // The section stays, inactive (sections keep their order),
+                // until a new track takes it over.
+                if let Some(i) = n
                     .sections
-                    .iter_mut()
-                    .find(|m| m.track == track.info.id && m.sending)
+                    .iter()
+                    .position(|m| m.track == track.info.id && m.sending)
                 {
-                    m.sending = false;
+                    n.sections[i].sending = false;
+                    let carried_by = n.offers_made + 1;
+                    n.idle.push((i, carried_by));
                 }
             }
             Output::WebRtc { sender, .. } => {

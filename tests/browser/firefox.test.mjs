@@ -95,15 +95,20 @@ async function meetAcrossBrowsers(query, receiving) {
         page.evaluate(() => document.querySelectorAll('.tile.remote').length === 1));
       await assertMediaFlowing(page, 1, `${label}, after Cy left`);
     }
+    // Another Firefox comes; on downlinks it takes over Cy's idle sections.
+    people.push(['Di (Firefox)', await openFirefox(meetingUrl(room, 'Di', query))]);
+    for (const [label, { page }] of [people[0], people[1], people[3]]) {
+      await assertMediaFlowing(page, 2, `${label}, with Di`);
+    }
   } finally {
     for (const [, p] of people) await p.close().catch(() => {});
   }
 }
 
-test('Chromium and two Firefoxes meet on downlinks; one leaves', async () => {
+test('Chromium and two Firefoxes meet on downlinks; one leaves, another comes', async () => {
   await meetAcrossBrowsers('', 'downlink');
 });
 
-test('Chromium and two Firefoxes meet on peer connections (?downlink=0); one leaves', async () => {
+test('Chromium and two Firefoxes meet on peer connections (?downlink=0); one leaves, another comes', async () => {
   await meetAcrossBrowsers('?downlink=0', 'peer connection');
 });

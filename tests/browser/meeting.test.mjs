@@ -483,8 +483,18 @@ test('pages receive on downlinks, or with ?downlink=0 on their peer connection; 
   await waitFor('two tiles left', 15000, async () => (await remoteFrames(org)).length === 1);
   await assertMediaFlowing(org, 1, 'after one left');
   await assertMediaFlowing(gus, 1, 'Gus after one left');
-  await org.context().close();
-  await gus.context().close();
+  // Someone new takes over Hal's idle sections of Fay's downlink, and the
+  // browser shows them: the offer did not grow.
+  const downlinkSdp = () => org.evaluate(() => window.confer.downlink.remoteDescription.sdp);
+  await waitFor("Hal's sections idle", 10000, async () => (await downlinkSdp()).includes('a=inactive'));
+  const ivy = await openPage(`${path}?name=Ivy`);
+  for (const [i, page] of [org, gus, ivy].entries()) {
+    await assertMediaFlowing(page, 2, `page ${i} with Ivy`);
+  }
+  const sdp = await downlinkSdp();
+  assert.equal(sdp.split('\r\n').filter((l) => l.startsWith('m=')).length, 4, sdp);
+  assert.ok(!sdp.includes('a=inactive'), sdp);
+  for (const page of [org, gus, ivy]) await page.context().close();
 });
 
 test('a downlink that never connects: the page rejoins receiving on its peer connection', async () => {
