@@ -12,6 +12,8 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Offers and answers may be larger: a browser's SDP takes about 2.3 KB per
 /// m-line, two per other participant, so a 30-person meeting needs ~140 KB.
 pub const MAX_SDP_MESSAGE_BYTES: usize = 1000 * 1024;
+/// The messages that carry SDP, allowed up to [`MAX_SDP_MESSAGE_BYTES`].
+pub const SDP_TYPES: &[&str] = &["offer", "answer", "downlink_answer"];
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]

@@ -7,7 +7,7 @@ use crate::media::{Events, Joined, Link, RoomError, ToNode};
 use crate::meeting::ENDED_BY_MODERATOR;
 use crate::protocol::{
     CLIENT_TYPES, ClientMessage, ErrorCode, MAX_MESSAGE_BYTES, MAX_SDP_MESSAGE_BYTES, MeetingInfo,
-    ServerMessage,
+    SDP_TYPES, ServerMessage,
 };
 use crate::schedule::Identity;
 use crate::token::JoinKind;
@@ -169,7 +169,7 @@ impl Session {
                 "a message must be a JSON object with a string \"type\"",
             );
         };
-        if text.len() > MAX_MESSAGE_BYTES && kind != "offer" && kind != "answer" {
+        if text.len() > MAX_MESSAGE_BYTES && !SDP_TYPES.contains(&kind) {
             self.send(too_large(MAX_MESSAGE_BYTES));
             return Flow::Continue;
         }

@@ -3,6 +3,7 @@
 //! connection: everyone gets everyone else's media, intact and in order.
 
 use confer_tests::{Client, Kind, LastHop, TestServer, init_logging, verify_stream, wait_for};
+use serde_json::json;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,4 +159,92 @@ async fn lost_packets_on_a_downlink_are_sent_again() {
     );
     let video = receiver.received(&publisher.participant_id, Kind::Video);
     verify_stream(&video, 1, Kind::Video, 0).unwrap();
+}
+
+/// Broken and hostile downlink answers get `bad_sdp` and change nothing;
+/// forged checks naming the downlink are not answered; media keeps coming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_downlink_answers_are_refused_and_the_downlink_keeps_flowing() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    let viewer = Client::join_downlink(&server, "viewer", "hostile", 9, false, LastHop::Clean)
+        .await
+        .unwrap();
+    let speaker = Client::join(&server, "speaker", "hostile", 1, true)
+        .await
+        .unwrap();
+    let audio = || {
+        viewer
+            .received(&speaker.participant_id, Kind::Audio)
+            .packets
+            .len()
+    };
+    wait_for("the speaker's audio", Duration::from_secs(30), || {
+        audio() >= 50
+    })
+    .await;
+    let offer = viewer.events_of("downlink_offer").last().unwrap()["sdp"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let garbage = [
+        "this is not SDP".to_owned(),
+        // No offer awaits an answer now: even a well-formed one is refused.
+        offer.replace("a=sendonly", "a=recvonly"),
+        "v=0\r\n".repeat(20_000),
+    ];
+    for sdp in &garbage {
+        viewer.send(json!({"type": "downlink_answer", "sdp": sdp}));
+    }
+    wait_for("three refusals", Duration::from_secs(10), || {
+        viewer.events_of("error").len() >= 3
+    })
+    .await;
+    for e in viewer.events_of("error") {
+        assert_eq!(e["code"], "bad_sdp", "{e}");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+    }
+    // Not a downlink participant: nothing to answer.
+    speaker.send(json!({"type": "downlink_answer", "sdp": offer}));
+    wait_for("the speaker refused", Duration::from_secs(10), || {
+        !speaker.events_of("error").is_empty()
+    })
+    .await;
+    assert_eq!(speaker.events_of("error")[0]["code"], "bad_sdp");
+
+    // Checks naming the downlink's ufrag with a guessed password.
+    let ufrag = offer
+        .lines()
+        .find_map(|l| l.strip_prefix("a=ice-ufrag:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let port = server.sfu().media_port().expect("one media port");
+    let forger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    forger
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut check = Vec::new();
+    confer_transport::ice::connectivity_check(
+        &format!("{ufrag}:forger"),
+        b"guessed password",
+        true,
+        &[7; 12],
+        &mut check,
+    );
+    for _ in 0..20 {
+        forger.send_to(&check, ("127.0.0.1", port)).unwrap();
+    }
+    let mut buf = [0u8; 1500];
+    assert!(
+        forger.recv_from(&mut buf).is_err(),
+        "a forged check was answered"
+    );
+
+    let before = audio();
+    wait_for("audio still coming", Duration::from_secs(10), || {
+        audio() >= before + 50
+    })
+    .await;
 }
