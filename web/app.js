@@ -366,7 +366,9 @@ function newPeer(iceServers) {
   };
   pc.ontrack = onTrack;
   if (onDownlink) {
-    const link = new RTCPeerConnection({ bundlePolicy: 'max-bundle' });
+    // The same STUN/TURN servers: a client that reaches the server only
+    // through a relay needs one for its downlink too.
+    const link = new RTCPeerConnection({ iceServers, bundlePolicy: 'max-bundle' });
     link.ontrack = onTrack;
     link.onconnectionstatechange = () => {
       if (link.connectionState === 'connected') downlinkWorked = true;

@@ -6,6 +6,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
+import { createSocket } from 'node:dgram';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -521,4 +522,72 @@ test('a downlink that never connects: the page rejoins receiving on its peer con
   await assertMediaFlowing(org, 1, 'Ida');
   await org.context().close();
   await ctx.close();
+});
+
+// coturn on 127.0.0.1, with one user; stopped by the caller.
+async function startTurn() {
+  const port = await freeUdpPort();
+  const relay = 40000 + Math.floor(Math.random() * 20000);
+  const dir = mkdtempSync(join(tmpdir(), 'confer-coturn-'));
+  const proc = spawn('turnserver', [
+    '--userdb', join(dir, 'turndb'), '--pidfile', join(dir, 'turn.pid'),
+    '-n', '--no-cli', '--no-tls', '--no-dtls', '--listening-ip', '127.0.0.1',
+    '--listening-port', String(port), '--relay-ip', '127.0.0.1', '--allow-loopback-peers',
+    '--min-port', String(relay), '--max-port', String(relay + 50),
+    '--lt-cred-mech', '--user', 'confer:turn-secret', '--realm', 'confer.test',
+    '--log-file', 'stdout', '--simple-log',
+  ], { stdio: ['ignore', 'pipe', 'pipe'] });
+  keepLog(proc, 'turnserver');
+  await waitFor('coturn listening', 10000, async () => proc.exitCode === null
+    && serverLog.some((l) => l.startsWith('turnserver:') && /listener opened|Total (UDP|General) servers/.test(l)));
+  return { proc, url: `turn:127.0.0.1:${port}?transport=udp` };
+}
+
+function freeUdpPort() {
+  return new Promise((resolve, reject) => {
+    const s = createSocket('udp4');
+    s.on('error', reject);
+    s.bind(0, '127.0.0.1', () => { const { port } = s.address(); s.close(() => resolve(port)); });
+  });
+}
+
+test('through a TURN relay only: both connections, the downlink too, go through coturn', async () => {
+  const turn = await startTurn();
+  const dir = mkdtempSync(join(tmpdir(), 'confer-turn-'));
+  const config = join(dir, 'confer.toml');
+  writeFileSync(config, `[[sfu.ice_servers]]\nurls = ["${turn.url}"]\nusername = "confer"\ncredential = "turn-secret"\n`);
+  const own = await startConfer({ CONFER_CONFIG: config }, dir);
+  const pages = [];
+  try {
+    for (const name of ['Kim', 'Lou']) {
+      const ctx = await browser.newContext();
+      // As behind a firewall that lets only the relay through.
+      await ctx.addInitScript(() => {
+        const Native = window.RTCPeerConnection;
+        window.RTCPeerConnection = function (config = {}) {
+          return new Native({ ...config, iceTransportPolicy: 'relay' });
+        };
+        window.RTCPeerConnection.prototype = Native.prototype;
+      });
+      const page = await ctx.newPage();
+      await page.goto(`${own.url}/call/turn-call?name=${name}`);
+      pages.push(page);
+    }
+    for (const [i, page] of pages.entries()) await assertMediaFlowing(page, 1, `relayed page ${i}`);
+    const candidates = await pages[0].evaluate(async () => {
+      const types = [];
+      for (const pc of [window.confer.pc, window.confer.downlink]) {
+        const stats = await pc.getStats();
+        let pair = null;
+        stats.forEach((s) => { if (s.type === 'transport') pair = stats.get(s.selectedCandidatePairId); });
+        types.push(pair && stats.get(pair.localCandidateId).candidateType);
+      }
+      return types;
+    });
+    assert.deepEqual(candidates, ['relay', 'relay']);
+  } finally {
+    for (const p of pages) await p.context().close();
+    own.proc.kill('SIGTERM');
+    turn.proc.kill('SIGTERM');
+  }
 });
