@@ -112,3 +112,61 @@ test('Chromium and two Firefoxes meet on downlinks; one leaves, another comes', 
 test('Chromium and two Firefoxes meet on peer connections (?downlink=0); one leaves, another comes', async () => {
   await meetAcrossBrowsers('?downlink=0', 'peer connection');
 });
+
+// The widths of the videos a page decodes (on its downlink, or its peer
+// connection), and the frames decoded in all.
+function decoding(page) {
+  return page.evaluate(async () => {
+    const out = { widths: [], frames: 0 };
+    for (const pc of [window.confer.downlink, window.confer.pc]) {
+      if (!pc) continue;
+      (await pc.getStats()).forEach((s) => {
+        if (s.type === 'inbound-rtp' && s.kind === 'video' && s.framesDecoded) {
+          out.widths.push(s.frameWidth || 0);
+          out.frames += s.framesDecoded;
+        }
+      });
+    }
+    return out;
+  });
+}
+
+// Sets the width of every remote tile of `page` (to which the web client
+// fits the simulcast layer it asks for), then waits until the one remote
+// video decodes `width` pixels wide, and keeps decoding.
+async function tilesDecodeAt(page, label, px, width) {
+  await page.evaluate((w) => {
+    for (const v of document.querySelectorAll('.tile.remote video')) {
+      v.parentElement.style.width = `${w}px`;
+      v.style.width = `${w}px`;
+    }
+  }, px);
+  await waitFor(`${label} decoding ${width} px wide in ${px} px tiles`, 30000, async () => {
+    const d = await decoding(page);
+    return d.widths.length === 1 && d.widths[0] === width;
+  });
+  const before = (await decoding(page)).frames;
+  await new Promise((r) => setTimeout(r, 2000));
+  const after = await decoding(page);
+  assert.deepEqual(after.widths, [width], label);
+  assert.ok(after.frames > before + 10, `${label}: frames decoded ${before} → ${after.frames}`);
+}
+
+test('simulcast both ways: tile sizes choose the layer of a Chromium and of a Firefox camera', async () => {
+  const room = `ff-${randomBytes(4).toString('hex')}`;
+  const ana = await openChromium(meetingUrl(room, 'Ana', ''));
+  const bo = await openFirefox(meetingUrl(room, 'Bo', ''));
+  try {
+    await assertMediaFlowing(bo.page, 1, 'Bo (Firefox)');
+    await assertMediaFlowing(ana.page, 1, 'Ana (Chromium)');
+    // Both 640×480 cameras go out as 320×240 and 640×480 layers. Bo asks
+    // by the server's track id, which Firefox does not give its tracks.
+    for (const [px, width] of [[200, 320], [800, 640]]) {
+      await tilesDecodeAt(bo.page, 'Bo (Firefox) viewing Chromium', px, width);
+      await tilesDecodeAt(ana.page, 'Ana (Chromium) viewing Firefox', px, width);
+    }
+  } finally {
+    await bo.close().catch(() => {});
+    await ana.close().catch(() => {});
+  }
+});
