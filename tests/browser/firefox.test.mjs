@@ -9,6 +9,10 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import puppeteer from 'puppeteer-core';
 import { assertMediaFlowing, joinToken, launchChromium, startConfer, waitFor } from './harness.mjs';
 
@@ -47,12 +51,14 @@ after(async () => {
   if (server) server.proc.kill('SIGTERM');
 });
 
-function meetingUrl(room, name, query) {
-  const token = joinToken(secret, {
-    sub: `u-${name}`, name, room, role: 'participant', kind: 'call',
-    exp: Math.floor(Date.now() / 1000) + 600,
+function token(room, name, role = 'participant') {
+  return joinToken(secret, {
+    sub: `u-${name}`, name, room, role, kind: 'call', exp: Math.floor(Date.now() / 1000) + 600,
   });
-  return `${server.url}/m/${room}${query}#token=${token}`;
+}
+
+function meetingUrl(room, name, query, role) {
+  return `${server.url}/m/${room}${query}#token=${token(room, name, role)}`;
 }
 
 async function openChromium(url) {
@@ -165,6 +171,45 @@ test('simulcast both ways: tile sizes choose the layer of a Chromium and of a Fi
       await tilesDecodeAt(bo.page, 'Bo (Firefox) viewing Chromium', px, width);
       await tilesDecodeAt(ana.page, 'Ana (Chromium) viewing Firefox', px, width);
     }
+  } finally {
+    await bo.close().catch(() => {});
+    await ana.close().catch(() => {});
+  }
+});
+
+test('a Firefox moderator records a meeting with Chromium; the file has both streams', async () => {
+  const room = `ff-rec-${randomBytes(4).toString('hex')}`;
+  const bo = await openFirefox(meetingUrl(room, 'Bo', '', 'moderator'));
+  const ana = await openChromium(meetingUrl(room, 'Ana', ''));
+  try {
+    await assertMediaFlowing(bo.page, 1, 'Bo (Firefox)');
+    await assertMediaFlowing(ana.page, 1, 'Ana (Chromium)');
+    const banner = (page) => page.evaluate(() => document.getElementById('banner').textContent);
+    const recVisible = (page) => page.evaluate(() => {
+      const rec = document.getElementById('rec');
+      return !!rec && !rec.hidden && getComputedStyle(rec).display !== 'none';
+    });
+    await bo.page.click('#record');
+    await waitFor('the REC indicator in Firefox', 10000, async () => recVisible(bo.page));
+    await new Promise((r) => setTimeout(r, 6000));
+    await bo.page.click('#record');
+    await waitFor('the recording to be ready', 30000, async () => /recording is ready/.test(await banner(bo.page)));
+
+    const auth = { Authorization: `Bearer ${token(room, 'Ana')}` };
+    const [rec] = await waitFor('the recording listed', 10000, async () => {
+      const body = await (await fetch(`${server.url}/api/rooms/${room}/recordings`, { headers: auth })).json();
+      return body.recordings && body.recordings.length === 1 && body.recordings;
+    });
+    assert.ok(rec.duration_ms >= 4000, `only ${rec.duration_ms} ms recorded`);
+    const file = await fetch(server.url + rec.download_url);
+    assert.equal(file.status, 200);
+    const path = join(mkdtempSync(join(tmpdir(), 'confer-ff-rec-')), 'meeting.webm');
+    writeFileSync(path, Buffer.from(await file.arrayBuffer()));
+    const streams = execFileSync('ffprobe', ['-v', 'error', '-show_entries', 'stream=codec_name',
+      '-of', 'csv=p=0', path]).toString().trim().split('\n').sort();
+    assert.deepEqual(streams, ['opus', 'vp8']);
+    // It decodes to its end.
+    execFileSync('ffmpeg', ['-v', 'error', '-xerror', '-i', path, '-f', 'null', '-']);
   } finally {
     await bo.close().catch(() => {});
     await ana.close().catch(() => {});
