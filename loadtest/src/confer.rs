@@ -117,8 +117,11 @@ impl Participant {
         }
         let (cand_tx, mut cand_rx) = mpsc::unbounded_channel::<RTCIceCandidateInit>();
         let peer = Peer::new(publish, name, started_us, shared.clone(), cand_tx).await?;
-        if publish == Publish::Nothing {
-            // docs/signaling.md: a client with nothing to send offers one recvonly m-line.
+        // docs/signaling.md: a client with nothing to send offers one
+        // recvonly m-line; on a downlink it need not connect the first
+        // connection at all (no handshake, no consent checks on it).
+        let uplink = publish != Publish::Nothing || !shared.downlink;
+        if uplink && publish == Publish::Nothing {
             peer.add_recvonly_audio().await?;
         }
         let ice_out = out.clone();
@@ -130,7 +133,9 @@ impl Participant {
                 }
             }
         });
-        send(json!({"type": "offer", "sdp": peer.create_offer().await?}));
+        if uplink {
+            send(json!({"type": "offer", "sdp": peer.create_offer().await?}));
+        }
         let peer = Arc::new(peer);
         let task_peer = peer.clone();
         let answers = out.clone();

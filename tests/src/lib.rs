@@ -758,7 +758,8 @@ impl Client {
     }
 
     /// Joins `room` receiving on a downlink of its own (`docs/signaling.md`)
-    /// through `hop`, publishing synthetic audio and VP8 if `publish`.
+    /// through `hop`, publishing synthetic audio and VP8 if `publish`; if
+    /// not, it makes no first connection at all, only the downlink.
     pub async fn join_downlink(
         server: &TestServer,
         name: &str,
@@ -797,6 +798,9 @@ impl Client {
         downlink: bool,
     ) -> anyhow::Result<Client> {
         let publish = video_codec.is_some();
+        // A viewer on a downlink makes no first connection at all: nothing
+        // to send, and its downlink does not wait for it (docs/signaling.md).
+        let uplink = publish || !downlink;
         let mut signal = Signal::connect(&server.ws_url()).await?;
         signal.send(json!({"type": "join", "token": token, "downlink": downlink}));
         let joined = signal.expect("joined", Duration::from_secs(10)).await?;
@@ -877,7 +881,7 @@ impl Client {
                 locals.push((kind, local, sender, ssrc));
             }
         }
-        if !publish {
+        if !publish && uplink {
             // As docs/signaling.md asks of a client with nothing to send.
             pc.add_transceiver_from_kind(
                 RtpCodecKind::Audio,
@@ -889,14 +893,16 @@ impl Client {
             )
             .await?;
         }
-        let offer = pc.create_offer(None).await?;
-        pc.set_local_description(offer).await?;
-        let sdp = pc
-            .local_description()
-            .await
-            .context("local description")?
-            .sdp;
-        signal.send(json!({"type": "offer", "sdp": sdp}));
+        if uplink {
+            let offer = pc.create_offer(None).await?;
+            pc.set_local_description(offer).await?;
+            let sdp = pc
+                .local_description()
+                .await
+                .context("local description")?
+                .sdp;
+            signal.send(json!({"type": "offer", "sdp": sdp}));
+        }
 
         let events: Arc<Mutex<Vec<Value>>> = Default::default();
         let negotiation = Arc::new(Negotiation::default());
