@@ -189,7 +189,7 @@ impl Downlink {
         match stream.send(packet, now) {
             Ok(sealed) => {
                 self.record(twcc, ssrc, sequence, sealed.len(), now);
-                self.attachment.send(*to, &sealed);
+                self.attachment.send(*to, sealed);
             }
             Err(e) => trace!("not protected: {e}"),
         }
@@ -280,7 +280,7 @@ impl Downlink {
         });
         if let (Some(Ok(sealed)), Some((twcc, ssrc, seq))) = (sent, stamped) {
             self.record(twcc, ssrc, seq, sealed.len(), now);
-            self.attachment.send(*to, &sealed);
+            self.attachment.send(*to, sealed);
         }
     }
 

@@ -249,8 +249,8 @@ impl Connection {
     ) -> Option<Result<OutStream, Error>> {
         let keys = self.keys.as_ref()?;
         Some(
-            keys.stream_context()
-                .map(|context| OutStream::new(ssrc, clock_rate, context, rtx, keep)),
+            keys.stream_sealer()
+                .map(|sealer| OutStream::new(ssrc, clock_rate, sealer, rtx, keep)),
         )
     }
 

@@ -3,6 +3,7 @@
 //! exported from it. The server keeps one certificate for every connection,
 //! as its fingerprint goes into every offer.
 
+use crate::seal::{Gcm, Sealer};
 use bytes::BytesMut;
 use rtc::crypto::{HashAlgorithm, RTCCryptoProvider};
 use rtc::dtls::config::{ClientAuthType, ConfigBuilder, ExtendedMasterSecretType, HandshakeConfig};
@@ -73,8 +74,17 @@ pub struct Keys {
 }
 
 impl Keys {
-    /// A context of its own for one outgoing stream, with the session's keys.
-    pub fn stream_context(&self) -> Result<Context, Error> {
+    /// What protects one outgoing stream, with the session's keys: sealed
+    /// in place for AES-128-GCM ([`crate::seal`]), else a context of its own.
+    pub fn stream_sealer(&self) -> Result<Sealer, Error> {
+        if matches!(self.profile, ProtectionProfile::AeadAes128Gcm) {
+            let gcm = Gcm::new(self.crypto.crypto(), &self.local_key, &self.local_salt)?;
+            return Ok(Sealer::Gcm(gcm));
+        }
+        self.stream_context().map(Sealer::Context)
+    }
+
+    fn stream_context(&self) -> Result<Context, Error> {
         Context::new(
             &self.local_key,
             &self.local_salt,

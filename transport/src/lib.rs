@@ -19,6 +19,7 @@ pub mod dtls;
 pub mod feedback;
 pub mod ice;
 pub mod sdp;
+pub mod seal;
 pub mod stream;
 
 pub use connection::{Connection, Received};

@@ -13,10 +13,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtp::packet::Packet;
 use rtc::shared::marshal::{Marshal, MarshalSize};
-use rtc::srtp::context::Context;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::Error;
+use crate::seal::{Sealer, TAG_LEN};
 
 /// Where a stream's retransmissions go.
 #[derive(Clone, Copy, Debug)]
@@ -35,11 +35,11 @@ struct Kept {
 pub struct OutStream {
     ssrc: u32,
     clock_rate: u32,
-    context: Context,
+    sealer: Sealer,
     rtx: Option<Rtx>,
     rtx_sequence: u16,
     kept: Box<[Option<Kept>]>,
-    /// Reused for every packet's plaintext.
+    /// Reused for every packet: marshalled, then sealed there.
     scratch: Vec<u8>,
     packets: u32,
     octets: u32,
@@ -55,18 +55,12 @@ const KEEP_FOR: Duration = Duration::from_millis(1000);
 impl OutStream {
     /// `keep` packets are kept for retransmission (0: none, as for audio
     /// without RTX).
-    pub fn new(
-        ssrc: u32,
-        clock_rate: u32,
-        context: Context,
-        rtx: Option<Rtx>,
-        keep: usize,
-    ) -> Self {
+    pub fn new(ssrc: u32, clock_rate: u32, sealer: Sealer, rtx: Option<Rtx>, keep: usize) -> Self {
         let keep = if rtx.is_some() { keep } else { 0 };
         Self {
             ssrc,
             clock_rate,
-            context,
+            sealer,
             rtx,
             rtx_sequence: rand::random(),
             kept: (0..keep).map(|_| None).collect(),
@@ -83,8 +77,8 @@ impl OutStream {
 
     /// Protects `packet` (already carrying this stream's SSRC, sequence
     /// numbers and header extensions) and keeps it for retransmission.
-    pub fn send(&mut self, packet: Packet, now: Instant) -> Result<BytesMut, Error> {
-        let sealed = self.protect(&packet)?;
+    pub fn send(&mut self, packet: Packet, now: Instant) -> Result<&[u8], Error> {
+        let len = self.protect(&packet)?;
         self.packets = self.packets.wrapping_add(1);
         self.octets = self.octets.wrapping_add(packet.payload.len() as u32);
         self.last = Some((packet.header.timestamp, now));
@@ -92,7 +86,7 @@ impl OutStream {
             let slot = packet.header.sequence_number as usize % self.kept.len();
             self.kept[slot] = Some(Kept { packet, sent: now });
         }
-        Ok(sealed)
+        Ok(&self.scratch[..len])
     }
 
     /// The RTX packet that retransmits `sequence`, if it is still kept.
@@ -103,7 +97,7 @@ impl OutStream {
         sequence: u16,
         now: Instant,
         extend: impl FnOnce(&mut Packet),
-    ) -> Option<Result<BytesMut, Error>> {
+    ) -> Option<Result<&[u8], Error>> {
         let rtx = self.rtx?;
         let slot = sequence as usize % self.kept.len().max(1);
         let kept = self.kept.get(slot)?.as_ref()?;
@@ -124,19 +118,31 @@ impl OutStream {
         out.header.padding = false;
         self.rtx_sequence = self.rtx_sequence.wrapping_add(1);
         extend(&mut out);
-        Some(self.protect(&out))
+        Some(self.protect(&out).map(|len| &self.scratch[..len]))
     }
 
-    fn protect(&mut self, packet: &Packet) -> Result<BytesMut, Error> {
-        self.scratch.resize(packet.marshal_size(), 0);
+    /// Marshals and protects `packet` into `scratch`; its length there.
+    fn protect(&mut self, packet: &Packet) -> Result<usize, Error> {
+        self.scratch.resize(packet.marshal_size() + TAG_LEN, 0);
         let n = packet
             .marshal_to(&mut self.scratch)
             .map_err(|e| Error::Rtp(e.to_string()))?;
-        // With the header we have: `encrypt_rtp` would parse it again, with
-        // an allocation per header extension.
-        self.context
-            .encrypt_rtp_with_header(&self.scratch[..n], &packet.header)
-            .map_err(|e| Error::Srtp(e.to_string()))
+        match &mut self.sealer {
+            Sealer::Gcm(gcm) => {
+                let header_len = packet.header.marshal_size();
+                gcm.seal(&mut self.scratch, n, &packet.header, header_len)
+            }
+            Sealer::Context(context) => {
+                // With the header we have: `encrypt_rtp` would parse it
+                // again, with an allocation per header extension.
+                let sealed = context
+                    .encrypt_rtp_with_header(&self.scratch[..n], &packet.header)
+                    .map_err(|e| Error::Srtp(e.to_string()))?;
+                self.scratch.clear();
+                self.scratch.extend_from_slice(&sealed);
+                Ok(sealed.len())
+            }
+        }
     }
 
     /// A sender report as of `now` (`wallclock` is the same moment as
@@ -173,20 +179,12 @@ pub fn ntp(at: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rtc::srtp::protection_profile::ProtectionProfile;
+    use crate::seal::Gcm;
 
     fn stream(rtx: Option<Rtx>) -> OutStream {
         let crypto = rtc::crypto::default_provider().unwrap();
-        let context = Context::new(
-            &[1; 16],
-            &[2; 12],
-            ProtectionProfile::AeadAes128Gcm,
-            None,
-            None,
-            crypto.crypto(),
-        )
-        .unwrap();
-        OutStream::new(10, 90000, context, rtx, 8)
+        let gcm = Gcm::new(crypto.crypto(), &[1; 16], &[2; 12]).unwrap();
+        OutStream::new(10, 90000, Sealer::Gcm(gcm), rtx, 8)
     }
 
     fn packet(seq: u16) -> Packet {

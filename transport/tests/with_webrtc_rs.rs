@@ -355,7 +355,7 @@ fn lost_packets_come_again_reports_and_congestion_feedback_flow() {
                         nacked.insert(sequence);
                         let again = video.retransmit(sequence, pair.now, |p| stamp(p, &mut twcc));
                         if let Some(sealed) = again {
-                            deliver(&mut pair.client, pair.now, &sealed.unwrap());
+                            deliver(&mut pair.client, pair.now, sealed.unwrap());
                             retransmitted += 1;
                         }
                     }
@@ -365,15 +365,16 @@ fn lost_packets_come_again_reports_and_congestion_feedback_flow() {
         }
         if seq < 200 {
             for (stream, pt) in [(&mut *video, 96), (&mut *audio, 111)] {
-                let mut packet = rtp(stream.ssrc(), pt, seq);
+                let ssrc = stream.ssrc();
+                let mut packet = rtp(ssrc, pt, seq);
                 stamp(&mut packet, &mut twcc);
                 let sealed = stream.send(packet, pair.now).unwrap();
                 // The 30th video packet is lost on the way, once.
-                if stream.ssrc() == VIDEO_SSRC && seq == 30 && !lost_once {
+                if ssrc == VIDEO_SSRC && seq == 30 && !lost_once {
                     lost_once = true;
                     continue;
                 }
-                deliver(&mut pair.client, pair.now, &sealed);
+                deliver(&mut pair.client, pair.now, sealed);
             }
             seq += 1;
         }
