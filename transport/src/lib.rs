@@ -12,6 +12,7 @@
 //! - [`connection`]: the three together for one client.
 //! - [`stream`]: one outgoing RTP stream: SRTP, retransmissions on RTX,
 //!   sender reports.
+//! - [`seal`]: SRTP (AES-128-GCM) sealed in place, for those streams.
 //! - [`feedback`]: what the client says back (RTCP), as plain values.
 
 pub mod connection;
