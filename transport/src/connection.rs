@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use crate::dtls::{Certificate, Handshake, Keys};
+use crate::publish::PublishOffer;
 use crate::sdp::{Answer, Setup};
 use crate::stream::{OutStream, Rtx};
 use crate::{Error, ice};
@@ -99,16 +100,29 @@ impl Connection {
     /// Takes the client's answer to the first offer. Later answers change
     /// nothing here (same transport, RFC 8843 bundle).
     pub fn apply_answer(&mut self, now: Instant, answer: &Answer) -> Result<(), Error> {
+        let is_client = answer.setup == Setup::Passive;
+        self.remote_description(now, &answer.ufrag, &answer.fingerprint, is_client)
+    }
+
+    /// Takes a publishing client's first offer: the server answers
+    /// `a=setup:passive` and is the DTLS server ([`crate::publish`]). Later
+    /// offers change nothing here.
+    pub fn apply_offer(&mut self, now: Instant, offer: &PublishOffer) -> Result<(), Error> {
+        self.remote_description(now, &offer.ufrag, &offer.fingerprint, false)
+    }
+
+    fn remote_description(
+        &mut self,
+        now: Instant,
+        ufrag: &str,
+        fingerprint: &str,
+        is_client: bool,
+    ) -> Result<(), Error> {
         if self.handshake.is_some() {
             return Ok(());
         }
-        self.remote_ufrag = Some(answer.ufrag.clone());
-        let is_client = answer.setup == Setup::Passive;
-        self.handshake = Some(Handshake::new(
-            &self.certificate,
-            &answer.fingerprint,
-            is_client,
-        )?);
+        self.remote_ufrag = Some(ufrag.to_owned());
+        self.handshake = Some(Handshake::new(&self.certificate, fingerprint, is_client)?);
         for (from, record) in std::mem::take(&mut self.early) {
             self.dtls(now, from, &record)?;
         }

@@ -15,10 +15,13 @@
 //! - [`seal`]: SRTP (AES-128-GCM) sealed in place, for those streams.
 //! - [`feedback`]: what the client says back (RTCP), as plain values.
 
+pub mod arrivals;
 pub mod connection;
 pub mod dtls;
 pub mod feedback;
 pub mod ice;
+pub mod publish;
+pub mod receive;
 pub mod sdp;
 pub mod seal;
 pub mod stream;
