@@ -37,6 +37,7 @@ mod sent;
 pub mod simulcast;
 pub mod tap;
 pub mod track;
+mod uplink;
 
 pub use config::{IceServer, SfuConfig};
 pub use error::SfuError;

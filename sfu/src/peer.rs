@@ -14,6 +14,7 @@ use crate::keyframe::KeyframeRequestTap;
 use crate::mux::Endpoint;
 use crate::room::{ParticipantInfo, PeerEvent, Room, Sfu};
 use crate::track::{Output, Published, Receiver, TrackKind};
+use crate::uplink::{Uplink, UplinkEvent};
 use confer_transport::sdp::Media;
 use rand::Rng;
 use rtc::interceptor::Slot;
@@ -156,7 +157,11 @@ pub struct Participant {
     me: Weak<Participant>,
     candidates: Arc<FirstCandidates>,
     room: Weak<Room>,
-    pc: Arc<dyn PeerConnection>,
+    /// Its webrtc peer connection; none when it publishes on an uplink of
+    /// our own and receives on a downlink.
+    pc: Option<Arc<dyn PeerConnection>>,
+    /// What it publishes, on a connection of our own ([`crate::uplink`]).
+    uplink: Option<Arc<Uplink>>,
     /// Its share of the one media socket, under `udp_mux`.
     endpoint: Option<Arc<Endpoint>>,
     events: mpsc::UnboundedSender<PeerEvent>,
@@ -398,9 +403,22 @@ pub(crate) async fn connect(
         endpoint: endpoint.clone(),
     });
     let estimate = Estimate::default();
+    let own_uplink = info.downlink && sfu.config.own_uplink;
     let mut last_err = None;
     let mut built = None;
-    if endpoint.is_some() {
+    let (uplink_tx, uplink_rx) = mpsc::unbounded_channel();
+    let uplink = match &sfu.mux {
+        Some(mux) if own_uplink => {
+            let certificate = sfu.certificate()?;
+            let timeout = sfu.config.disconnect_timeout;
+            Some(mux.attach(|attachment| Uplink::new(attachment, certificate, uplink_tx, timeout)))
+        }
+        _ => None,
+    };
+    let endpoint = if uplink.is_some() { None } else { endpoint };
+    if uplink.is_some() {
+        // No peer connection to build.
+    } else if endpoint.is_some() {
         // The driver binds a port of its own, any one; the mux tells clients
         // the shared port instead.
         match build_pc(&sfu.config, 0, handler.clone(), &estimate).await {
@@ -409,7 +427,7 @@ pub(crate) async fn connect(
         }
     }
     // Else a port of its own from the range.
-    let attempts = if endpoint.is_some() {
+    let attempts = if endpoint.is_some() || uplink.is_some() {
         0
     } else {
         sfu.ports.span().min(64)
@@ -429,6 +447,11 @@ pub(crate) async fn connect(
             }
         }
     }
+    let built = match (built, &uplink) {
+        (Some((pc, port)), _) => Some((Some(pc), port)),
+        (None, Some(_)) => Some((None, 0)),
+        (None, None) => None,
+    };
     let Some((pc, port)) = built else {
         warn!("no peer connection could be built: {last_err:?}");
         return Err(last_err.unwrap_or(SfuError::NoPort {
@@ -452,6 +475,7 @@ pub(crate) async fn connect(
         info,
         room: Arc::downgrade(room),
         pc,
+        uplink,
         endpoint,
         events,
         negotiation: tokio::sync::Mutex::new(Negotiation::default()),
@@ -472,6 +496,7 @@ pub(crate) async fn connect(
         backoff: Mutex::new(Backoff::default()),
     });
     tokio::spawn(pc_event_loop(Arc::downgrade(&p), pc_rx));
+    tokio::spawn(uplink_event_loop(Arc::downgrade(&p), uplink_rx));
     Ok(p)
 }
 
@@ -512,6 +537,32 @@ async fn pc_event_loop(p: Weak<Participant>, mut rx: mpsc::UnboundedReceiver<PcE
                     }
                     _ => {}
                 }
+            }
+        }
+    }
+}
+
+/// What the participant's own uplink reports: tracks to publish, and
+/// whether the connection is up.
+async fn uplink_event_loop(p: Weak<Participant>, mut rx: mpsc::UnboundedReceiver<UplinkEvent>) {
+    while let Some(evt) = rx.recv().await {
+        let Some(p) = p.upgrade() else { return };
+        let Some(room) = p.room.upgrade() else { return };
+        match evt {
+            UplinkEvent::Track(track) => {
+                let link = p.uplink.as_ref().map(Arc::downgrade).unwrap_or_default();
+                let track = Published::from_uplink(&p, link, track);
+                room.publish_track(&p, track).await;
+            }
+            UplinkEvent::Connected => {
+                p.state
+                    .store(RTCPeerConnectionState::Connected as u8, Ordering::Relaxed);
+                debug!(participant = %p.id, "uplink connected");
+            }
+            UplinkEvent::Lost(why) => {
+                debug!(participant = %p.id, why, "uplink lost");
+                room.leave(&p.id, why).await;
+                return;
             }
         }
     }
@@ -585,6 +636,14 @@ impl Participant {
     /// The client's offer. The answer comes back as [`PeerEvent::Answer`],
     /// in order with any offer the SFU makes next.
     pub async fn handle_offer(&self, sdp: String) -> Result<(), SfuError> {
+        if let Some(uplink) = &self.uplink {
+            let answer = uplink
+                .answer(&sdp)
+                .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+            self.send(PeerEvent::Answer(answer));
+            return Ok(());
+        }
+        let pc = self.webrtc()?;
         let offer =
             RTCSessionDescription::offer(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
         let mut n = self.negotiation.lock().await;
@@ -593,24 +652,22 @@ impl Participant {
             debug!(participant = %self.id, "client offer ignored during glare");
             return Ok(());
         }
-        self.pc
-            .set_remote_description(offer)
+        pc.set_remote_description(offer)
             .await
             .map_err(|e| SfuError::BadSdp(e.to_string()))?;
         for c in std::mem::take(&mut n.early_candidates) {
-            if let Err(e) = self.pc.add_ice_candidate(c).await {
+            if let Err(e) = pc.add_ice_candidate(c).await {
                 // No request to answer with an error any more; the others
                 // of the batch still count.
                 warn!(participant = %self.id, "early candidate refused: {e}");
             }
         }
-        let answer = self.pc.create_answer(None).await?;
-        self.pc.set_local_description(answer).await?;
+        let answer = pc.create_answer(None).await?;
+        pc.set_local_description(answer).await?;
         if !n.started {
             self.candidates.wait(GATHERING_WAIT).await;
         }
-        let sdp = self
-            .pc
+        let sdp = pc
             .local_description()
             .await
             .map(|d| d.sdp)
@@ -637,7 +694,7 @@ impl Participant {
         if !n.awaiting_answer {
             return Err(SfuError::BadSdp("no offer is awaiting an answer".into()));
         }
-        self.pc
+        self.webrtc()?
             .set_remote_description(answer)
             .await
             .map_err(|e| SfuError::BadSdp(e.to_string()))?;
@@ -693,8 +750,16 @@ impl Participant {
         if candidate.candidate.is_empty() {
             return Ok(()); // end-of-candidates
         }
+        let Some(pc) = &self.pc else {
+            // ICE-lite: the client's checks find the way; its candidates
+            // are only read for their syntax.
+            let raw = candidate.candidate.trim_start_matches("candidate:");
+            rtc::ice::candidate::unmarshal_candidate(raw)
+                .map_err(|e| SfuError::BadCandidate(e.to_string()))?;
+            return Ok(());
+        };
         let mut n = self.negotiation.lock().await;
-        if self.pc.remote_description().await.is_none() {
+        if pc.remote_description().await.is_none() {
             // Checked now, so a bad one still gets its error.
             let raw = candidate.candidate.trim_start_matches("candidate:");
             rtc::ice::candidate::unmarshal_candidate(raw)
@@ -708,8 +773,7 @@ impl Participant {
             return Ok(());
         }
         drop(n);
-        self.pc
-            .add_ice_candidate(candidate)
+        pc.add_ice_candidate(candidate)
             .await
             .map_err(|e| SfuError::BadCandidate(e.to_string()))
     }
@@ -758,19 +822,19 @@ impl Participant {
             self.send(PeerEvent::DownlinkOffer(sdp));
             return;
         }
-        let offer = match self.pc.create_offer(None).await {
+        let Some(pc) = &self.pc else { return };
+        let offer = match pc.create_offer(None).await {
             Ok(o) => o,
             Err(e) => {
                 warn!(participant = %self.id, "offer not created: {e}");
                 return;
             }
         };
-        if let Err(e) = self.pc.set_local_description(offer).await {
+        if let Err(e) = pc.set_local_description(offer).await {
             warn!(participant = %self.id, "offer not applied: {e}");
             return;
         }
-        let sdp = self
-            .pc
+        let sdp = pc
             .local_description()
             .await
             .map(|d| d.sdp)
@@ -819,8 +883,8 @@ impl Participant {
             streams: vec![track.publisher.clone()],
             send_encodings: Vec::new(),
         };
-        let added = self
-            .pc
+        let Some(pc) = &self.pc else { return };
+        let added = pc
             .add_transceiver_from_track(local.clone() as Arc<dyn TrackLocal>, Some(init))
             .await;
         let sender = match added {
@@ -935,7 +999,9 @@ impl Participant {
                 if self.closed.load(Ordering::Acquire) {
                     return;
                 }
-                if let Err(e) = self.pc.remove_track(sender).await {
+                if let Some(pc) = &self.pc
+                    && let Err(e) = pc.remove_track(sender).await
+                {
                     debug!(participant = %self.id, "remove_track: {e}");
                 }
             }
@@ -946,7 +1012,10 @@ impl Participant {
     /// Header extensions the client negotiated for what it sends, `(uri, id)`.
     pub(crate) async fn remote_extensions(&self) -> Vec<(String, u16)> {
         let mut out: Vec<(String, u16)> = Vec::new();
-        for r in self.pc.get_receivers().await {
+        let Some(pc) = &self.pc else {
+            return out;
+        };
+        for r in pc.get_receivers().await {
             if let Ok(params) = r.get_parameters().await {
                 for e in params.rtp_parameters.header_extensions {
                     if !out.iter().any(|(u, _)| *u == e.uri) {
@@ -956,6 +1025,14 @@ impl Participant {
             }
         }
         out
+    }
+
+    /// Its webrtc peer connection, which a participant on an uplink of our
+    /// own does not have.
+    fn webrtc(&self) -> Result<&Arc<dyn PeerConnection>, SfuError> {
+        self.pc.as_ref().ok_or_else(|| {
+            SfuError::BadSdp("this participant publishes without a peer connection".into())
+        })
     }
 
     /// A description as the client must see it (see [`Endpoint::public`]).
@@ -970,8 +1047,13 @@ impl Participant {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        if let Err(e) = self.pc.close().await {
+        if let Some(pc) = &self.pc
+            && let Err(e) = pc.close().await
+        {
             debug!(participant = %self.id, "close: {e}");
+        }
+        if let Some(uplink) = &self.uplink {
+            uplink.close();
         }
         if let Some(sfu) = self.sfu.upgrade() {
             sfu.ports.release(self.port);

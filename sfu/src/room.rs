@@ -663,6 +663,15 @@ impl Room {
             debug!(participant = %publisher.id, "remote track without SSRC or codec ignored");
             return;
         };
+        self.publish_track(publisher, track).await;
+    }
+
+    /// Adds `track` to the room: forwarded to everyone from now on.
+    pub(crate) async fn publish_track(
+        self: &Arc<Self>,
+        publisher: &Arc<Participant>,
+        track: Arc<Published>,
+    ) {
         let subscribers = {
             let mut inner = self.inner.lock().unwrap();
             if !inner.participants.iter().any(|p| p.id == publisher.id) {

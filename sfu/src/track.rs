@@ -21,6 +21,7 @@ use crate::keyframe::{Decision, Limiter, is_keyframe_request};
 use crate::peer::Participant;
 use crate::simulcast::{self, Layers, MAX_LAYERS, Selector, Verdict};
 use crate::tap::{TapSender, Tapped};
+use crate::uplink::{NewTrack, Uplink};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use confer_transport::OutStream;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
@@ -33,6 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
+use tokio::sync::mpsc;
 use tracing::{debug, trace};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
@@ -65,12 +67,40 @@ pub struct TrackInfo {
     pub codec: String,
 }
 
+/// What arrives of a published track, whichever connection it comes on.
+pub(crate) enum Incoming {
+    /// A stream of it starts: a simulcast layer when it has a rid.
+    Open {
+        ssrc: u32,
+        rid: Option<String>,
+    },
+    Rtp(rtp::Packet),
+    /// The publisher's sender report: its RTP time at an NTP time.
+    SenderReport {
+        ssrc: u32,
+        ntp: u64,
+        rtp_time: u32,
+    },
+}
+
+/// Where a published track comes from.
+pub(crate) enum Source {
+    /// A webrtc peer connection's remote track.
+    WebRtc(Arc<dyn TrackRemote>),
+    /// The participant's own uplink ([`crate::uplink`]): its packets, taken
+    /// by the forwarding task when it starts.
+    Uplink {
+        link: Weak<Uplink>,
+        packets: Mutex<Option<mpsc::Receiver<Incoming>>>,
+    },
+}
+
 /// A track one participant publishes.
 pub struct Published {
     pub info: TrackInfo,
     pub publisher: String,
     pub codec: RTCRtpCodec,
-    remote: Arc<dyn TrackRemote>,
+    source: Source,
     /// The publisher's streams: one, or one per simulcast layer.
     pub layers: Layers,
     /// Publisher-side negotiated header extensions, `(uri, id)`.
@@ -190,7 +220,7 @@ impl Published {
             },
             publisher: publisher.id.clone(),
             codec,
-            remote,
+            source: Source::WebRtc(remote),
             layers: Layers::new(first_ssrc),
             extensions,
             receivers: ArcSwap::from_pointee(Vec::new()),
@@ -202,6 +232,76 @@ impl Published {
             packets: AtomicU64::new(0),
             blocked,
         }))
+    }
+
+    /// A track of the participant's own uplink.
+    pub(crate) fn from_uplink(
+        publisher: &Participant,
+        link: Weak<Uplink>,
+        track: NewTrack,
+    ) -> Arc<Published> {
+        let kind = match track.kind {
+            confer_transport::sdp::Kind::Audio => TrackKind::Audio,
+            confer_transport::sdp::Kind::Video => TrackKind::Video,
+        };
+        let id = format!("{}-{}", publisher.id, track.track_id);
+        let blocked = (kind == TrackKind::Audio).then(|| publisher.audio_blocked.clone());
+        Arc::new(Published {
+            tap: ArcSwapOption::empty(),
+            tap_id: id.as_str().into(),
+            info: TrackInfo {
+                id,
+                kind,
+                codec: track.codec.mime_type.to_ascii_lowercase(),
+            },
+            publisher: publisher.id.clone(),
+            codec: track.codec,
+            source: Source::Uplink {
+                link,
+                packets: Mutex::new(Some(track.packets)),
+            },
+            layers: Layers::new(track.first_ssrc),
+            extensions: track.extensions,
+            receivers: ArcSwap::from_pointee(Vec::new()),
+            keyframes: Default::default(),
+            tap_layer: AtomicU8::new(0),
+            loudness: AtomicU32::new(0),
+            audible: AtomicBool::new(true),
+            peak: AtomicU32::new(0),
+            packets: AtomicU64::new(0),
+            blocked,
+        })
+    }
+
+    /// The next thing to arrive; `None` once the track has ended.
+    async fn next(&self, uplink: &mut Option<mpsc::Receiver<Incoming>>) -> Option<Incoming> {
+        match &self.source {
+            Source::WebRtc(remote) => loop {
+                match remote.poll().await? {
+                    TrackRemoteEvent::OnOpen(init) => {
+                        return Some(Incoming::Open {
+                            ssrc: init.ssrc,
+                            rid: init.rid,
+                        });
+                    }
+                    TrackRemoteEvent::OnRtpPacket(pkt) => return Some(Incoming::Rtp(pkt)),
+                    TrackRemoteEvent::OnRtcpPacket(packets) => {
+                        for p in packets {
+                            if let Some(sr) = p.as_any().downcast_ref::<SenderReport>() {
+                                return Some(Incoming::SenderReport {
+                                    ssrc: sr.ssrc,
+                                    ntp: sr.ntp_time,
+                                    rtp_time: sr.rtp_time,
+                                });
+                            }
+                        }
+                    }
+                    TrackRemoteEvent::OnEnded => return None,
+                    _ => {}
+                }
+            },
+            Source::Uplink { .. } => uplink.as_mut()?.recv().await,
+        }
     }
 
     /// Reads the publisher's RTP until the track ends, fanning out to receivers.
@@ -216,13 +316,17 @@ impl Published {
         let mut tap = TapLayer::default();
         let mut per_layer = [0u64; MAX_LAYERS + 1];
         let mut rates = simulcast::RateMeter::default();
-        while let Some(evt) = self.remote.poll().await {
+        let mut uplink = match &self.source {
+            Source::Uplink { packets, .. } => packets.lock().unwrap().take(),
+            Source::WebRtc(_) => None,
+        };
+        while let Some(evt) = self.next(&mut uplink).await {
             match evt {
-                TrackRemoteEvent::OnOpen(init) => {
-                    debug!(track = %self.info.id, ssrc = init.ssrc, rid = ?init.rid, "stream opened");
-                    self.layers.open(init.ssrc, init.rid.as_deref());
+                Incoming::Open { ssrc, rid } => {
+                    debug!(track = %self.info.id, ssrc, rid = ?rid, "stream opened");
+                    self.layers.open(ssrc, rid.as_deref());
                 }
-                TrackRemoteEvent::OnRtpPacket(mut pkt) => {
+                Incoming::Rtp(mut pkt) => {
                     let arrived = Instant::now();
                     self.packets.fetch_add(1, Ordering::Relaxed);
                     let Some(layer) = self.layers.layer(pkt.header.ssrc) else {
@@ -276,31 +380,29 @@ impl Published {
                         }
                     }
                 }
-                TrackRemoteEvent::OnRtcpPacket(packets) => self.sender_reports(&packets, &tap),
-                TrackRemoteEvent::OnEnded => break,
-                _ => {}
+                Incoming::SenderReport {
+                    ssrc,
+                    ntp,
+                    rtp_time,
+                } => self.sender_report(ssrc, ntp, rtp_time, &tap),
             }
         }
         debug!(track = %self.info.id, packets = self.packets.load(Ordering::Relaxed),
             ?per_layer, "published track ended (packets per layer, last: of no layer)");
     }
 
-    /// Passes the publisher's sender reports to the tap: they map RTP time
-    /// to the publisher's wallclock, which lines up its audio and video.
-    fn sender_reports(&self, packets: &[Box<dyn rtc::rtcp::Packet>], tap: &TapLayer) {
+    /// Passes a publisher's sender report to the tap: it maps RTP time to
+    /// the publisher's wallclock, which lines up its audio and video.
+    fn sender_report(&self, ssrc: u32, ntp: u64, rtp_time: u32, tap: &TapLayer) {
         let Some(sender) = &*self.tap.load() else {
             return;
         };
-        for p in packets {
-            if let Some(sr) = p.as_any().downcast_ref::<SenderReport>()
-                && let Some(rtp) = tap.report_time(self, sr.ssrc, sr.rtp_time)
-            {
-                let _ = sender.try_send(Tapped::SenderReport {
-                    track_id: self.tap_id.clone(),
-                    ntp: sr.ntp_time,
-                    rtp,
-                });
-            }
+        if let Some(rtp) = tap.report_time(self, ssrc, rtp_time) {
+            let _ = sender.try_send(Tapped::SenderReport {
+                track_id: self.tap_id.clone(),
+                ntp,
+                rtp,
+            });
         }
     }
 
@@ -558,8 +660,17 @@ impl Published {
             sender_ssrc: 0,
             media_ssrc: self.layers.ssrc(layer),
         };
-        if let Err(e) = self.remote.write_rtcp(vec![Box::new(pli)]).await {
-            debug!(track = %self.info.id, "PLI not sent: {e}");
+        match &self.source {
+            Source::WebRtc(remote) => {
+                if let Err(e) = remote.write_rtcp(vec![Box::new(pli)]).await {
+                    debug!(track = %self.info.id, "PLI not sent: {e}");
+                }
+            }
+            Source::Uplink { link, .. } => {
+                if let Some(link) = link.upgrade() {
+                    link.request_keyframe(pli.media_ssrc);
+                }
+            }
         }
     }
 }

@@ -48,8 +48,8 @@ async fn downlink_and_peer_connection_receivers_get_everyone() {
             }
         }
     }
-    // The downlink carries what bob and carol receive; bob publishes on
-    // his peer connection as before.
+    // The downlink carries what bob and carol receive; bob publishes on an
+    // uplink of the server's own (ICE-lite), answered as a peer connection.
     assert!(bob.saw(|e| e["type"] == "downlink_offer"));
     assert!(!alice.saw(|e| e["type"] == "downlink_offer"));
 }
