@@ -205,6 +205,7 @@ impl Uplink {
                                 rtx: None,
                             },
                             extensions: Vec::new(),
+                            recvonly_extensions: Vec::new(),
                             rids: Vec::new(),
                             feedback: Vec::new(),
                             receiving: false,
@@ -264,6 +265,11 @@ impl Uplink {
             Route::Media { section } => state.sections[*section].active,
             Route::Rtx { .. } => true,
         });
+        for s in &state.sections {
+            debug!(mid = %s.taken.mid, active = s.active, codec = %s.taken.codec.name,
+                payload_type = s.taken.codec.payload_type, rtx = ?s.taken.codec.rtx,
+                rids = ?s.taken.rids, announced = ?s.announced, "uplink section");
+        }
         if state.twcc_id != 0 && state.arrivals.is_none() {
             state.arrivals = Some(Arrivals::new(now));
         }
@@ -380,6 +386,8 @@ impl Uplink {
         } = state;
         let s = &mut sections[section];
         if !s.active || packet.header.payload_type != s.taken.codec.payload_type {
+            trace!(mid = %s.taken.mid, ssrc, payload_type = packet.header.payload_type,
+                "uplink packet of an inactive section or another codec");
             return;
         }
         // Padding only (probes): counted above, not forwarded.

@@ -510,13 +510,17 @@ struct Quiet;
 #[async_trait::async_trait]
 impl PeerConnectionEventHandler for Quiet {}
 
-/// What happens to the packets a test client receives before it sees them.
+/// What happens to the packets a test client receives before it sees them
+/// (or sends, before the server does).
 #[derive(Clone, Copy, Debug, Default)]
 pub enum LastHop {
     #[default]
     Clean,
     /// Every n-th video packet is lost once ([`lossy::DropVideo`]).
     DropVideo(u32),
+    /// Every n-th video packet it sends is lost once, on the way to the
+    /// server ([`lossy::DropVideo::sent`]).
+    DropSentVideo(u32),
     /// A link of `bits_per_second` that queues up to `buffer`
     /// ([`bottleneck::Bottleneck`]).
     Bottleneck {
@@ -548,6 +552,9 @@ fn client_media_engine(
         LastHop::Clean => registry,
         LastHop::DropVideo(every) => {
             registry.with(wire, lossy::DropVideo::new(every, dropped.clone()))
+        }
+        LastHop::DropSentVideo(every) => {
+            registry.with(wire, lossy::DropVideo::sent(every, dropped.clone()))
         }
         LastHop::Bottleneck {
             bits_per_second,

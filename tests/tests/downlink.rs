@@ -161,6 +161,63 @@ async fn lost_packets_on_a_downlink_are_sent_again() {
     verify_stream(&video, 1, Kind::Video, 0).unwrap();
 }
 
+/// The uplink asks for what went missing: a publisher on a downlink that
+/// loses every 10th video packet it sends gets NACKs, resends them on RTX,
+/// and the receiver gets every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_packets_on_an_uplink_are_asked_for_again() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    let publisher = Client::join_downlink(
+        &server,
+        "pub",
+        "lossy-up",
+        1,
+        true,
+        LastHop::DropSentVideo(10),
+    )
+    .await
+    .unwrap();
+    let receiver = Client::join_downlink(&server, "rx", "lossy-up", 2, false, LastHop::Clean)
+        .await
+        .unwrap();
+    wait_for(
+        "video through a lossy first hop",
+        Duration::from_secs(30),
+        || {
+            receiver
+                .received(&publisher.participant_id, Kind::Video)
+                .packets
+                .len()
+                >= 150
+        },
+    )
+    .await;
+    assert!(
+        publisher.dropped_video() >= 10,
+        "dropped {}",
+        publisher.dropped_video()
+    );
+    // Every packet up to now, once the resends of the newest have had a
+    // second to come.
+    let upto = receiver
+        .received(&publisher.participant_id, Kind::Video)
+        .packets
+        .len();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut video = receiver.received(&publisher.participant_id, Kind::Video);
+    let first = video.packets[0].0;
+    let last = video.packets[..upto]
+        .iter()
+        .map(|(seq, _)| seq.wrapping_sub(first))
+        .max()
+        .unwrap();
+    video
+        .packets
+        .retain(|(seq, _)| seq.wrapping_sub(first) <= last);
+    verify_stream(&video, 1, Kind::Video, 0).unwrap();
+}
+
 /// Broken and hostile downlink answers get `bad_sdp` and change nothing;
 /// forged checks naming the downlink are not answered; media keeps coming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,4 +304,119 @@ async fn bad_downlink_answers_are_refused_and_the_downlink_keeps_flowing() {
         audio() >= before + 50
     })
     .await;
+}
+
+/// A participant on a downlink publishes on the server's own uplink. Broken
+/// and hostile offers on it get `bad_sdp` and change nothing; forged checks
+/// naming it are not answered; what it publishes keeps coming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_offers_on_an_uplink_are_refused_and_its_media_keeps_flowing() {
+    init_logging();
+    let server = TestServer::start().await.unwrap();
+    let publisher = Client::join_downlink(&server, "pub", "uplink", 1, true, LastHop::Clean)
+        .await
+        .unwrap();
+    let viewer = Client::join_downlink(&server, "viewer", "uplink", 9, false, LastHop::Clean)
+        .await
+        .unwrap();
+    let audio = || {
+        viewer
+            .received(&publisher.participant_id, Kind::Audio)
+            .packets
+            .len()
+    };
+    wait_for("the publisher's audio", Duration::from_secs(30), || {
+        audio() >= 50
+    })
+    .await;
+    let answer = publisher.events_of("answer").last().unwrap()["sdp"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The server's own uplink: ICE-lite, it is the DTLS server.
+    assert!(answer.contains("a=ice-lite\r\n"), "{answer}");
+    assert!(answer.contains("a=setup:passive\r\n"), "{answer}");
+
+    let session = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
+                   a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\n\
+                   a=fingerprint:sha-256 AA:BB\r\n";
+    let garbage = [
+        "this is not SDP".to_owned(),
+        // The sections it publishes on, gone.
+        format!(
+            "{session}a=setup:actpass\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:other\r\n\
+             a=sendonly\r\na=rtpmap:111 opus/48000/2\r\n"
+        ),
+        // The server cannot be the DTLS client here.
+        format!("{session}a=setup:passive\r\n"),
+        format!("{session}a=setup:actpass\r\n")
+            + &"m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:x\r\n".repeat(100),
+    ];
+    for sdp in &garbage {
+        publisher.send(json!({"type": "offer", "sdp": sdp}));
+    }
+    wait_for("four refusals", Duration::from_secs(10), || {
+        publisher.events_of("error").len() >= 4
+    })
+    .await;
+    let messages: Vec<String> = publisher
+        .events_of("error")
+        .iter()
+        .map(|e| {
+            assert_eq!(e["code"], "bad_sdp", "{e}");
+            e["message"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect();
+    assert!(messages[1].contains("missing or moved"), "{messages:?}");
+    assert!(messages[2].contains("DTLS server"), "{messages:?}");
+    assert!(
+        messages[3].contains("too many media sections"),
+        "{messages:?}"
+    );
+
+    let ufrag = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("a=ice-ufrag:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let port = server.sfu().media_port().expect("one media port");
+    let forger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    forger
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut check = Vec::new();
+    confer_transport::ice::connectivity_check(
+        &format!("{ufrag}:forger"),
+        b"guessed password",
+        true,
+        &[7; 12],
+        &mut check,
+    );
+    for _ in 0..20 {
+        forger.send_to(&check, ("127.0.0.1", port)).unwrap();
+        // And RTP and DTLS from an address no check proved.
+        forger
+            .send_to(
+                &[0x80, 111, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1],
+                ("127.0.0.1", port),
+            )
+            .unwrap();
+        forger
+            .send_to(&[22, 254, 253, 0, 0], ("127.0.0.1", port))
+            .unwrap();
+    }
+    let mut buf = [0u8; 1500];
+    assert!(
+        forger.recv_from(&mut buf).is_err(),
+        "a forged check was answered"
+    );
+
+    let before = audio();
+    wait_for("audio still coming", Duration::from_secs(10), || {
+        audio() >= before + 50
+    })
+    .await;
+    let video = viewer.received(&publisher.participant_id, Kind::Video);
+    verify_stream(&video, 1, Kind::Video, 0).unwrap();
 }

@@ -39,10 +39,15 @@ pub struct Offered {
     /// The m-line's media and protocol fields, to refuse it in kind.
     pub media: String,
     pub protocol: String,
-    /// `sendonly` or `sendrecv`, with its port not 0.
+    /// `sendonly` or `sendrecv`, with its port not 0 (or 0 and
+    /// `a=bundle-only`, as Firefox writes every section but the first).
     pub sends: bool,
+    port: u16,
+    bundle_only: bool,
     pub codecs: Vec<OfferedCodec>,
     pub extensions: Vec<(u8, String)>,
+    /// Those of them marked `sendonly` (Firefox), answered `recvonly`.
+    pub sendonly_extensions: Vec<u8>,
     /// Simulcast streams by rid, in `a=simulcast:send` order (empty: none).
     pub rids: Vec<String>,
     /// SSRCs the client announced, each with its RTX SSRC (`ssrc-group:FID`).
@@ -121,9 +126,12 @@ pub fn parse_offer(text: &str) -> Result<PublishOffer, Error> {
                 media: kind.to_owned(),
                 protocol: protocol.to_owned(),
                 // sendrecv is the default direction (RFC 4566 §6).
-                sends: port != 0,
+                sends: true,
+                port,
+                bundle_only: false,
                 codecs,
                 extensions: Vec::new(),
+                sendonly_extensions: Vec::new(),
                 rids: Vec::new(),
                 ssrcs: Vec::new(),
                 msid: None,
@@ -168,6 +176,7 @@ pub fn parse_offer(text: &str) -> Result<PublishOffer, Error> {
     for m in &mut media {
         // Payload types the offer lists but never describes are dropped.
         m.codecs.retain(|c| !c.name.is_empty());
+        m.sends &= m.port != 0 || m.bundle_only;
     }
     Ok(PublishOffer {
         ufrag: ufrag.ok_or_else(|| bad("no a=ice-ufrag".into()))?,
@@ -186,6 +195,7 @@ fn read_media_attribute(
     match name {
         "mid" => m.mid = value.to_owned(),
         "recvonly" | "inactive" => m.sends = false,
+        "bundle-only" => m.bundle_only = true,
         "msid" => {
             let mut ids = value.split(' ');
             if let (Some(stream), Some(track)) = (ids.next(), ids.next()) {
@@ -194,12 +204,20 @@ fn read_media_attribute(
         }
         "extmap" => {
             let (id, uri) = value.split_once(' ').ok_or("extmap without a URI")?;
-            let id = id.split('/').next().unwrap_or(id);
+            let (id, direction) = id.split_once('/').unwrap_or((id, "sendrecv"));
             let id: u8 = id.parse().map_err(|_| "bad extmap id")?;
             if !(1..=255).contains(&id) {
                 return Err("bad extmap id");
             }
-            m.extensions.push((id, uri.trim().to_owned()));
+            match direction {
+                // Only on what the client receives: nothing to read here.
+                "recvonly" | "inactive" => {}
+                "sendonly" => {
+                    m.extensions.push((id, uri.trim().to_owned()));
+                    m.sendonly_extensions.push(id);
+                }
+                _ => m.extensions.push((id, uri.trim().to_owned())),
+            }
         }
         "rtpmap" => {
             let (pt, codec) = value.split_once(' ').ok_or("rtpmap without a codec")?;
@@ -335,6 +353,8 @@ pub struct Taken {
     pub codec: OfferedCodec,
     /// The offered header extensions the server reads, with the client's ids.
     pub extensions: Vec<(u8, String)>,
+    /// Those of them to answer `recvonly` (offered `sendonly`).
+    pub recvonly_extensions: Vec<u8>,
     pub rids: Vec<String>,
     /// RTCP feedback the server gives the client, of what it offered.
     pub feedback: Vec<String>,
@@ -425,6 +445,7 @@ pub fn take(
             .filter(|(_, uri)| READ_EXTENSIONS.contains(&uri.as_str()))
             .cloned()
             .collect(),
+        recvonly_extensions: offered.sendonly_extensions.clone(),
         rids: offered.rids.clone(),
         feedback,
         receiving: offered.sends,
@@ -515,7 +536,12 @@ impl PublishAnswer<'_> {
                 direction = if t.receiving { "recvonly" } else { "inactive" },
             );
             for (id, uri) in &t.extensions {
-                let _ = write!(s, "a=extmap:{id} {uri}\r\n");
+                let direction = if t.recvonly_extensions.contains(id) {
+                    "/recvonly"
+                } else {
+                    ""
+                };
+                let _ = write!(s, "a=extmap:{id}{direction} {uri}\r\n");
             }
             let _ = write!(s, "a=rtpmap:{pt} {}/{}", c.name, c.clock_rate);
             if c.channels > 0 {
@@ -609,6 +635,7 @@ mod tests {
         let firefox = parse_offer(FIREFOX_SIMULCAST).unwrap();
         assert!(firefox.fingerprint.starts_with("77:27:10"));
         let v = video(&firefox);
+        assert!(v.sends);
         assert_eq!(v.rids, ["q", "h", "f"]);
         assert_eq!(
             v.ssrcs,
@@ -619,6 +646,16 @@ mod tests {
             ]
         );
         assert!(parse_offer(FIREFOX_SINGLE).is_ok());
+        // With max-bundle, Firefox gives every section but the first port 0
+        // and a=bundle-only: they still send.
+        let bundled = FIREFOX_SIMULCAST.replace("m=video 9 ", "m=video 0 ").replace(
+            "a=sendonly\r\na=extmap:3 urn:ietf:params:rtp-hdrext:sdes:mid\r\na=extmap:4",
+            "a=sendonly\r\na=bundle-only\r\na=extmap:3 urn:ietf:params:rtp-hdrext:sdes:mid\r\na=extmap:4",
+        );
+        assert!(bundled.contains("a=bundle-only"));
+        assert!(video(&parse_offer(&bundled).unwrap()).sends);
+        let rejected = FIREFOX_SIMULCAST.replace("m=video 9 ", "m=video 0 ");
+        assert!(!video(&parse_offer(&rejected).unwrap()).sends);
     }
 
     #[test]
@@ -661,6 +698,12 @@ mod tests {
                 assert!(sdp.contains(&format!("{line}\r\n")), "{line} in\n{sdp}");
             }
             assert!(!sdp.contains("abs-send-time"));
+            // Firefox marks the rid extensions sendonly: answered recvonly.
+            if text == FIREFOX_SIMULCAST {
+                assert!(sdp.contains(
+                    "a=extmap:9/recvonly urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id\r\n"
+                ));
+            }
             assert!(!sdp.contains("a=ssrc"));
         }
     }
