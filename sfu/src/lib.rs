@@ -1,7 +1,8 @@
 //! Confer's selective forwarding unit.
 //!
-//! Every participant has one peer connection. What a participant publishes
-//! is forwarded, without decoding, to every other participant in the room;
+//! Every participant has a peer connection (or, on a downlink, connections
+//! of our own). What a participant publishes is forwarded, without
+//! decoding, to every other participant in the room;
 //! each receiver gets its own rewritten copy (SSRC, sequence, timestamp,
 //! payload type, header-extension ids) so streams stay continuous for it.
 //!
@@ -18,6 +19,8 @@
 //! - `downlink`: what a participant receives, on a connection of our own
 //!   (`confer-transport`) instead of its peer connection, when it asks;
 //!   `sent`: what it sent, for congestion feedback.
+//! - `uplink`: what such a participant publishes, on a connection of our
+//!   own as well: it then has no webrtc peer connection at all.
 //! - [`config`]: media-plane settings.
 //!
 //! The SFU knows nothing of tokens, schedules or WebSockets: signaling admits

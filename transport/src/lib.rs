@@ -1,19 +1,25 @@
 //! A server's WebRTC transport, without the webrtc crate's driver: what an
-//! SFU needs to send media to a browser at the cost of the work itself.
+//! SFU needs to send media to a browser, and to receive what it publishes,
+//! at the cost of the work itself.
 //!
-//! The server offers (it knows which tracks it sends), is ICE-lite (one host
-//! candidate, it answers checks and never makes them), and is the DTLS
-//! server. Everything is sans I/O: a [`Connection`] takes datagrams and
-//! returns datagrams; the caller owns sockets and clocks.
+//! The server is ICE-lite (one host candidate, it answers checks and never
+//! makes them) and, where it can choose, the DTLS server. It offers what it
+//! sends (it knows which tracks), and answers what a client publishes.
+//! Everything is sans I/O: a [`Connection`] takes datagrams and returns
+//! datagrams; the caller owns sockets and clocks.
 //!
 //! - [`ice`]: connectivity checks and their answers.
 //! - [`dtls`]: the server certificate, the handshake and the SRTP keys.
 //! - [`sdp`]: the offer written from plain data, the answer read back.
+//! - [`publish`]: a publishing client's offer read, the answer written.
 //! - [`connection`]: the three together for one client.
 //! - [`stream`]: one outgoing RTP stream: SRTP, retransmissions on RTX,
 //!   sender reports.
 //! - [`seal`]: SRTP (AES-128-GCM) sealed in place, for those streams.
 //! - [`feedback`]: what the client says back (RTCP), as plain values.
+//! - [`receive`]: one incoming RTP stream: what is missing (NACK), and the
+//!   reception report.
+//! - [`arrivals`]: transport-wide congestion feedback on what arrived.
 
 pub mod arrivals;
 pub mod connection;
