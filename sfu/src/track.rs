@@ -209,8 +209,28 @@ impl Published {
         let codec = remote.codec(first_ssrc).await?;
         let kind = TrackKind::from(remote.kind().await);
         let id = format!("{}-{}", publisher.id, remote.track_id().await);
+        Some(Arc::new(Published::build(
+            publisher,
+            id,
+            kind,
+            codec,
+            Source::WebRtc(remote),
+            first_ssrc,
+            extensions,
+        )))
+    }
+
+    fn build(
+        publisher: &Participant,
+        id: String,
+        kind: TrackKind,
+        codec: RTCRtpCodec,
+        source: Source,
+        first_ssrc: u32,
+        extensions: Vec<(String, u16)>,
+    ) -> Published {
         let blocked = (kind == TrackKind::Audio).then(|| publisher.audio_blocked.clone());
-        Some(Arc::new(Published {
+        Published {
             tap: ArcSwapOption::empty(),
             tap_id: id.as_str().into(),
             info: TrackInfo {
@@ -220,7 +240,7 @@ impl Published {
             },
             publisher: publisher.id.clone(),
             codec,
-            source: Source::WebRtc(remote),
+            source,
             layers: Layers::new(first_ssrc),
             extensions,
             receivers: ArcSwap::from_pointee(Vec::new()),
@@ -231,7 +251,7 @@ impl Published {
             peak: AtomicU32::new(0),
             packets: AtomicU64::new(0),
             blocked,
-        }))
+        }
     }
 
     /// A track of the participant's own uplink.
@@ -245,32 +265,19 @@ impl Published {
             confer_transport::sdp::Kind::Video => TrackKind::Video,
         };
         let id = format!("{}-{}", publisher.id, track.track_id);
-        let blocked = (kind == TrackKind::Audio).then(|| publisher.audio_blocked.clone());
-        Arc::new(Published {
-            tap: ArcSwapOption::empty(),
-            tap_id: id.as_str().into(),
-            info: TrackInfo {
-                id,
-                kind,
-                codec: track.codec.mime_type.to_ascii_lowercase(),
-            },
-            publisher: publisher.id.clone(),
-            codec: track.codec,
-            source: Source::Uplink {
-                link,
-                packets: Mutex::new(Some(track.packets)),
-            },
-            layers: Layers::new(track.first_ssrc),
-            extensions: track.extensions,
-            receivers: ArcSwap::from_pointee(Vec::new()),
-            keyframes: Default::default(),
-            tap_layer: AtomicU8::new(0),
-            loudness: AtomicU32::new(0),
-            audible: AtomicBool::new(true),
-            peak: AtomicU32::new(0),
-            packets: AtomicU64::new(0),
-            blocked,
-        })
+        let source = Source::Uplink {
+            link,
+            packets: Mutex::new(Some(track.packets)),
+        };
+        Arc::new(Published::build(
+            publisher,
+            id,
+            kind,
+            track.codec,
+            source,
+            track.first_ssrc,
+            track.extensions,
+        ))
     }
 
     /// The next thing to arrive; `None` once the track has ended.

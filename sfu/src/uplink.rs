@@ -195,15 +195,7 @@ impl Uplink {
                             } else {
                                 Kind::Video
                             },
-                            codec: publish::OfferedCodec {
-                                payload_type: 0,
-                                name: String::new(),
-                                clock_rate: 0,
-                                channels: 0,
-                                fmtp: String::new(),
-                                feedback: Vec::new(),
-                                rtx: None,
-                            },
+                            codec: publish::OfferedCodec::default(),
                             extensions: Vec::new(),
                             recvonly_extensions: Vec::new(),
                             rids: Vec::new(),
@@ -261,9 +253,22 @@ impl Uplink {
                 }
             }
         }
-        state.routes.retain(|_, r| match r {
-            Route::Media { section } => state.sections[*section].active,
-            Route::Rtx { .. } => true,
+        // A section that stopped forgets its streams: if it sends again on
+        // the same SSRCs (a browser keeps them), its new track hears of them.
+        let State {
+            routes,
+            sections,
+            streams,
+            rids,
+            ..
+        } = state;
+        routes.retain(|ssrc, r| match r {
+            Route::Media { section } if !sections[*section].active => {
+                streams.remove(ssrc);
+                rids.remove(ssrc);
+                false
+            }
+            _ => true,
         });
         for s in &state.sections {
             debug!(mid = %s.taken.mid, active = s.active, codec = %s.taken.codec.name,

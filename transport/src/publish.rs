@@ -12,10 +12,10 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 
 use crate::Error;
-use crate::sdp::Kind;
+use crate::sdp::{Credentials, Kind};
 
 /// A codec the client offers in a section.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OfferedCodec {
     pub payload_type: u8,
     /// As written: `opus`, `VP8`, `H264`, …
@@ -76,9 +76,7 @@ const MAX_RIDS: usize = 4;
 /// a mid, and its DTLS role must let the server be the DTLS server.
 pub fn parse_offer(text: &str) -> Result<PublishOffer, Error> {
     let bad = |what: String| Error::Sdp(what);
-    let mut ufrag = None;
-    let mut pwd = None;
-    let mut fingerprint = None;
+    let mut credentials = Credentials::default();
     let mut media: Vec<Offered> = Vec::new();
     // Until a=simulcast orders them: every a=rid with `send`.
     let mut send_rids: Vec<String> = Vec::new();
@@ -111,12 +109,7 @@ pub fn parse_offer(text: &str) -> Result<PublishOffer, Error> {
                     }
                     codecs.push(OfferedCodec {
                         payload_type,
-                        name: String::new(),
-                        clock_rate: 0,
-                        channels: 0,
-                        fmtp: String::new(),
-                        feedback: Vec::new(),
-                        rtx: None,
+                        ..OfferedCodec::default()
                     });
                 }
             }
@@ -144,19 +137,8 @@ pub fn parse_offer(text: &str) -> Result<PublishOffer, Error> {
         let (name, value) = attribute.split_once(':').unwrap_or((attribute, ""));
         let section = media.last_mut();
         match name {
-            "ice-ufrag" => {
-                ufrag.get_or_insert_with(|| value.to_owned());
-            }
-            "ice-pwd" => {
-                pwd.get_or_insert_with(|| value.to_owned());
-            }
-            "fingerprint" => {
-                let (algorithm, hex) = value
-                    .split_once(' ')
-                    .ok_or_else(|| at("fingerprint without a hash"))?;
-                if algorithm.eq_ignore_ascii_case("sha-256") {
-                    fingerprint.get_or_insert_with(|| hex.trim().to_ascii_uppercase());
-                }
+            "ice-ufrag" | "ice-pwd" | "fingerprint" => {
+                credentials.read(name, value).map_err(at)?;
             }
             "setup" => {
                 if !matches!(value, "actpass" | "active") {
@@ -178,10 +160,11 @@ pub fn parse_offer(text: &str) -> Result<PublishOffer, Error> {
         m.codecs.retain(|c| !c.name.is_empty());
         m.sends &= m.port != 0 || m.bundle_only;
     }
+    let (ufrag, pwd, fingerprint) = credentials.finish()?;
     Ok(PublishOffer {
-        ufrag: ufrag.ok_or_else(|| bad("no a=ice-ufrag".into()))?,
-        pwd: pwd.ok_or_else(|| bad("no a=ice-pwd".into()))?,
-        fingerprint: fingerprint.ok_or_else(|| bad("no a=fingerprint with sha-256".into()))?,
+        ufrag,
+        pwd,
+        fingerprint,
         media,
     })
 }

@@ -198,9 +198,7 @@ pub struct Answer {
 /// sections share them; the first one seen counts).
 pub fn parse_answer(text: &str) -> Result<Answer, Error> {
     let bad = |what: String| Error::Sdp(what);
-    let mut ufrag = None;
-    let mut pwd = None;
-    let mut fingerprint = None;
+    let mut credentials = Credentials::default();
     let mut setup = None;
     let mut media: Vec<Answered> = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -230,19 +228,8 @@ pub fn parse_answer(text: &str) -> Result<Answer, Error> {
         };
         let (name, value) = attribute.split_once(':').unwrap_or((attribute, ""));
         match name {
-            "ice-ufrag" => {
-                ufrag.get_or_insert_with(|| value.to_owned());
-            }
-            "ice-pwd" => {
-                pwd.get_or_insert_with(|| value.to_owned());
-            }
-            "fingerprint" => {
-                let (algorithm, hex) = value
-                    .split_once(' ')
-                    .ok_or_else(|| at("fingerprint without a hash"))?;
-                if algorithm.eq_ignore_ascii_case("sha-256") {
-                    fingerprint.get_or_insert_with(|| hex.trim().to_ascii_uppercase());
-                }
+            "ice-ufrag" | "ice-pwd" | "fingerprint" => {
+                credentials.read(name, value).map_err(at)?;
             }
             "setup" => {
                 setup = Some(match value {
@@ -282,13 +269,58 @@ pub fn parse_answer(text: &str) -> Result<Answer, Error> {
             m.payload_types
         )));
     }
+    let (ufrag, pwd, fingerprint) = credentials.finish()?;
     Ok(Answer {
-        ufrag: ufrag.ok_or_else(|| bad("no a=ice-ufrag".into()))?,
-        pwd: pwd.ok_or_else(|| bad("no a=ice-pwd".into()))?,
-        fingerprint: fingerprint.ok_or_else(|| bad("no a=fingerprint with sha-256".into()))?,
+        ufrag,
+        pwd,
+        fingerprint,
         setup: setup.ok_or_else(|| bad("no a=setup".into()))?,
         media,
     })
+}
+
+/// A client's ICE credentials and certificate fingerprint, as either kind
+/// of description carries them: at session level or in the sections
+/// (bundled sections share them; the first one seen counts).
+#[derive(Default)]
+pub(crate) struct Credentials {
+    ufrag: Option<String>,
+    pwd: Option<String>,
+    fingerprint: Option<String>,
+}
+
+impl Credentials {
+    /// Reads `a=ice-ufrag`, `a=ice-pwd` or `a=fingerprint` (SHA-256 only).
+    pub(crate) fn read(&mut self, name: &str, value: &str) -> Result<(), &'static str> {
+        match name {
+            "ice-ufrag" => {
+                self.ufrag.get_or_insert_with(|| value.to_owned());
+            }
+            "ice-pwd" => {
+                self.pwd.get_or_insert_with(|| value.to_owned());
+            }
+            "fingerprint" => {
+                let (algorithm, hex) = value.split_once(' ').ok_or("fingerprint without a hash")?;
+                if algorithm.eq_ignore_ascii_case("sha-256") {
+                    self.fingerprint
+                        .get_or_insert_with(|| hex.trim().to_ascii_uppercase());
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Ufrag, password and fingerprint, or which is missing.
+    pub(crate) fn finish(self) -> Result<(String, String, String), Error> {
+        let missing = |what: &str| Error::Sdp(format!("no {what}"));
+        Ok((
+            self.ufrag.ok_or_else(|| missing("a=ice-ufrag"))?,
+            self.pwd.ok_or_else(|| missing("a=ice-pwd"))?,
+            self.fingerprint
+                .ok_or_else(|| missing("a=fingerprint with sha-256"))?,
+        ))
+    }
 }
 
 #[cfg(test)]
